@@ -1,0 +1,1 @@
+//! The sip-pbx Kubernetes operator (placeholder until the operator issue lands).
