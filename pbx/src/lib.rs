@@ -1,0 +1,1 @@
+//! sip-pbx: a SIP B2BUA for Kubernetes.
