@@ -1,1 +1,10 @@
-//! sip-pbx: a SIP B2BUA for Kubernetes.
+//! sip-pbx: a SIP back-to-back user agent for Kubernetes.
+//!
+//! Data flows one way: `sip` (framing, transport, transactions) feeds
+//! `b2bua` (calls, legs, routing), which drives `media`; observers (CDR,
+//! webhooks, metrics, HTTP) follow calls through the `events` stream.
+
+pub mod config;
+pub mod events;
+pub mod media;
+pub mod status;

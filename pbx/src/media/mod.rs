@@ -1,0 +1,150 @@
+//! Media handling of calls: the one place where SDP bodies travelling
+//! between the legs of a call are seen and may be rewritten. `direct` passes
+//! them through untouched; `bypass` (the relay) maps every stream onto the
+//! PBX's port pool.
+
+use bytes::Bytes;
+
+/// The caller's leg (A) or the callee's leg (B) of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LegSide {
+    A,
+    B,
+}
+
+impl LegSide {
+    pub fn other(self) -> Self {
+        match self {
+            LegSide::A => LegSide::B,
+            LegSide::B => LegSide::A,
+        }
+    }
+}
+
+/// Whether an SDP body is an offer or the answer to one (RFC 3264).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SdpRole {
+    Offer,
+    Answer,
+}
+
+/// A call's media as the media layer knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MediaSessionId(pub u64);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MediaError {
+    /// The port pool is exhausted: answer 503.
+    #[error("media port pool exhausted")]
+    PoolExhausted,
+    /// No codec of the offer is allowed by `media.codecs`: answer 488.
+    #[error("no acceptable codec in the offer")]
+    NoCommonCodec,
+    /// The body is not usable SDP: answer 400 (or 488 for an answer).
+    #[error("malformed SDP: {0}")]
+    BadSdp(String),
+}
+
+/// What happened to a call's media that signalling must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediaEvent {
+    /// No RTP in either direction for `media.rtp_timeout` seconds.
+    RtpTimeout(MediaSessionId),
+}
+
+/// The SDP offer/answer hook the B2BUA calls for every body it relays.
+pub trait SessionMedia: Send {
+    /// Reserves what a new call needs; fails before any leg is created.
+    fn open(&mut self) -> Result<MediaSessionId, MediaError>;
+    /// Rewrites an SDP body travelling from leg `from` to the other leg.
+    fn relay_sdp(
+        &mut self,
+        session: MediaSessionId,
+        from: LegSide,
+        role: SdpRole,
+        sdp: Bytes,
+    ) -> Result<Bytes, MediaError>;
+    /// The codec the call settled on, for the CDR.
+    fn codec(&self, session: MediaSessionId) -> Option<String>;
+    /// Frees everything the call held.
+    fn close(&mut self, session: MediaSessionId);
+}
+
+/// `media.mode: direct`: media flows end to end, SDP untouched except that
+/// the settled codec is remembered for the CDR.
+#[derive(Debug, Default)]
+pub struct DirectMedia {
+    next: u64,
+    codecs: std::collections::HashMap<MediaSessionId, String>,
+}
+
+impl SessionMedia for DirectMedia {
+    fn open(&mut self) -> Result<MediaSessionId, MediaError> {
+        self.next += 1;
+        Ok(MediaSessionId(self.next))
+    }
+
+    fn relay_sdp(
+        &mut self,
+        session: MediaSessionId,
+        _from: LegSide,
+        role: SdpRole,
+        sdp: Bytes,
+    ) -> Result<Bytes, MediaError> {
+        if role == SdpRole::Answer {
+            if let Some(codec) = first_codec(&sdp) {
+                self.codecs.insert(session, codec);
+            }
+        }
+        Ok(sdp)
+    }
+
+    fn codec(&self, session: MediaSessionId) -> Option<String> {
+        self.codecs.get(&session).cloned()
+    }
+
+    fn close(&mut self, session: MediaSessionId) {
+        self.codecs.remove(&session);
+    }
+}
+
+/// The encoding name of the first payload type of the first audio stream.
+pub fn first_codec(sdp: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(sdp).ok()?;
+    let mut lines = text.lines();
+    let payload = lines
+        .by_ref()
+        .find_map(|l| l.strip_prefix("m=audio "))?
+        .split_whitespace()
+        .nth(2)?
+        .to_string();
+    let static_name = match payload.as_str() {
+        "0" => Some("PCMU"),
+        "8" => Some("PCMA"),
+        "9" => Some("G722"),
+        "18" => Some("G729"),
+        _ => None,
+    };
+    let prefix = format!("a=rtpmap:{payload} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|enc| enc.split('/').next())
+        .map(str::to_string)
+        .or_else(|| static_name.map(str::to_string))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_codec_reads_rtpmap_or_static_type() {
+        let sdp = b"v=0\r\nm=audio 4000 RTP/AVP 8 0\r\na=rtpmap:8 PCMA/8000\r\n";
+        assert_eq!(first_codec(sdp).as_deref(), Some("PCMA"));
+        let sdp = b"v=0\r\nm=audio 4000 RTP/AVP 0\r\n";
+        assert_eq!(first_codec(sdp).as_deref(), Some("PCMU"));
+        let sdp = b"v=0\r\nm=audio 4000 RTP/AVP 111\r\na=rtpmap:111 opus/48000/2\r\n";
+        assert_eq!(first_codec(sdp).as_deref(), Some("opus"));
+        assert_eq!(first_codec(b"v=0\r\n"), None);
+    }
+}
