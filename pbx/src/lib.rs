@@ -3,8 +3,13 @@
 //! Data flows one way: `sip` (framing, transport, transactions) feeds
 //! `b2bua` (calls, legs, routing), which drives `media`; observers (CDR,
 //! webhooks, metrics, HTTP) follow calls through the `events` stream.
+//! `server` wires the signalling core together.
 
+pub mod b2bua;
 pub mod config;
 pub mod events;
+pub mod logging;
 pub mod media;
+pub mod server;
+pub mod sip;
 pub mod status;

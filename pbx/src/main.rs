@@ -1,1 +1,138 @@
-fn main() {}
+//! `sip-pbx`: loads the configuration, starts logging, the observers and
+//! the signalling core, and turns SIGTERM/SIGINT into a drain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use sip_pbx::b2bua::routing::NoRegistrations;
+use sip_pbx::config::{Config, MediaMode, LOG_LEVELS};
+use sip_pbx::events::EventBus;
+use sip_pbx::logging::{self, TrafficLog};
+use sip_pbx::media::DirectMedia;
+use sip_pbx::server::{self, CoreParts};
+use sip_pbx::status::PbxStatus;
+
+/// A SIP PBX (B2BUA with registrar, RTP relay, CDR and webhooks) for Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "sip-pbx", version)]
+struct Args {
+    /// YAML configuration file; without it the built-in defaults are used.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// SIP port, overriding sip.listen_port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Log level, overriding logging.level (TRACE, DEBUG, INFO, WARN, ERROR).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Check the configuration, print the problems found and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn load(args: &Args) -> Result<Config, String> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    if let Some(port) = args.port {
+        config.sip.listen_port = port;
+    }
+    if let Some(level) = &args.log_level {
+        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "--log-level: {level:?} is not one of TRACE, DEBUG, INFO, WARN, ERROR"
+            ));
+        }
+        config.logging.level = level.clone();
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match load(&args) {
+        Ok(config) => config,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("config: OK");
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = logging::init(&config.logging) {
+        eprintln!("{e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("sip-pbx: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let status = Arc::new(PbxStatus::default());
+    let traffic = match config.logging.sip_traffic_log.as_str() {
+        "" => None,
+        dir => Some(TrafficLog::open(dir.as_ref())?),
+    };
+    let bus = EventBus::default();
+    let (_media_tx, media_events) = tokio::sync::mpsc::unbounded_channel();
+    if config.media.mode == MediaMode::Bypass {
+        tracing::warn!(
+            "media.mode bypass: relay not available in this build, media flows end to end"
+        );
+    }
+    spawn_signal_drain(Arc::clone(&status));
+    server::run(CoreParts {
+        config,
+        media: Box::new(DirectMedia::default()),
+        media_events,
+        locator: Arc::new(NoRegistrations),
+        bus,
+        status,
+        traffic,
+    })
+    .await
+    .context("signalling core")
+}
+
+/// SIGTERM (Kubernetes, preStop) and SIGINT (a terminal) start a drain.
+fn spawn_signal_drain(status: Arc<PbxStatus>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if status.start_drain() {
+                tracing::info!("signal received: draining");
+            }
+        }
+    });
+}

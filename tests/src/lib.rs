@@ -1,1 +1,451 @@
-//! End-to-end test harness: runs the real binaries against real peers.
+//! End-to-end test harness: builds and runs the real `sip-pbx` binary on
+//! loopback, drives it with SIPp scenarios from `tests/sipp/` and with raw
+//! SIP over UDP, and cleans up every process it started.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Builds (once per test process) and returns a release binary of the workspace.
+pub fn binary(package: &str, name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--bins", "-p", package])
+            .current_dir(root())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building {package} failed");
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    target.join("release").join(name)
+}
+
+pub fn pbx_binary() -> PathBuf {
+    binary("sip-pbx", "sip-pbx")
+}
+
+/// A port free on 127.0.0.1 for both UDP and TCP (and its RTCP-like neighbour).
+pub fn free_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = udp.local_addr().expect("addr").port();
+        if port < 65_000 && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Polls `check` until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `sip-pbx`, killed when dropped.
+pub struct Pbx {
+    pub child: Child,
+    pub sip_port: u16,
+    pub http_port: u16,
+    pub metrics_port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Pbx {
+    /// Starts the PBX with the test defaults (loopback, direct media, routes
+    /// of every user to `127.0.0.1:uas_port`) plus `extra` YAML top-level
+    /// sections, which replace the defaults' sections of the same name.
+    pub fn start(uas_port: u16, extra: &str) -> Pbx {
+        let sip_port = free_port();
+        let http_port = free_port();
+        let metrics_port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().display();
+        let mut sections: Vec<(String, String)> = vec![
+            ("sip", format!("sip:\n  listen_ip: 127.0.0.1\n  listen_port: {sip_port}\n  transport: both\n  advertised_ip: 127.0.0.1\n  max_concurrent_calls: 1000\n")),
+            ("auth", "auth:\n  enabled: false\n".to_string()),
+            ("routes", format!("routes:\n  - match: \"^(.+)$\"\n    target: \"sip:$1@127.0.0.1:{uas_port}\"\n")),
+            ("media", "media:\n  mode: direct\n".to_string()),
+            ("cdr", format!("cdr:\n  output_dir: {d}/cdr\n")),
+            ("events", format!("events:\n  spool_dir: {d}/spool\n")),
+            ("logging", format!("logging:\n  level: DEBUG\n  format: text\n  output: {d}/pbx.log\n")),
+            ("monitoring", format!("monitoring:\n  prometheus_port: {metrics_port}\n  health_check_port: {http_port}\n")),
+        ]
+        .into_iter()
+        .map(|(name, body)| (name.to_string(), body))
+        .collect();
+        for block in extra.split("\n\n").filter(|b| !b.trim().is_empty()) {
+            let name = block
+                .trim_start()
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            sections.retain(|(n, _)| *n != name);
+            sections.push((name, format!("{}\n", block.trim())));
+        }
+        let yaml: String = sections.into_iter().map(|(_, s)| s).collect();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, yaml).expect("write config");
+        let child = Command::new(pbx_binary())
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log"))
+            .spawn()
+            .expect("sip-pbx starts");
+        let mut pbx = Pbx {
+            child,
+            sip_port,
+            http_port,
+            metrics_port,
+            dir,
+        };
+        let probe = SipClient::new();
+        wait_until(Duration::from_secs(20), "the PBX to answer OPTIONS", || {
+            if let Ok(Some(status)) = pbx.child.try_wait() {
+                panic!("sip-pbx exited at start with {status}:\n{}", pbx.log());
+            }
+            probe.send(
+                &options(pbx.sip_addr(), probe.addr(), "probe"),
+                pbx.sip_addr(),
+            );
+            probe.recv(Duration::from_millis(200)).is_some()
+        });
+        pbx
+    }
+
+    pub fn sip_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.sip_port))
+    }
+
+    pub fn log(&self) -> String {
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!("{}{}", read("stderr.log"), read("pbx.log"))
+    }
+
+    /// GET on the HTTP API; returns status and body.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_request(self.http_port, "GET", path, "")
+    }
+
+    /// `active_calls` from `/api/stats`.
+    pub fn active_calls(&self) -> u64 {
+        let (status, body) = self.http_get("/api/stats");
+        assert_eq!(status, 200, "{body}");
+        let stats: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
+        stats["active_calls"].as_u64().expect("active_calls")
+    }
+
+    /// Waits for the PBX to exit by itself and returns how.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let mut status = None;
+        wait_until(limit, "the PBX to exit", || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status.expect("exited")
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal}");
+    }
+}
+
+impl Drop for Pbx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- sip-pbx log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 client for the PBX's API.
+pub fn http_request(port: u16, method: &str, path: &str, headers: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("HTTP connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n{headers}\r\n"
+    );
+    stream.write_all(request.as_bytes()).expect("HTTP write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("HTTP read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// What a SIPp run ended with.
+pub struct SippRun {
+    pub status: ExitStatus,
+    pub output: String,
+}
+
+/// SIPp with a scenario from `tests/sipp/` (or a built-in: `uac`, `uas`).
+pub struct Sipp {
+    command: Command,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sipp {
+    pub fn new(scenario: &str, local_port: u16) -> Sipp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut command = Command::new("sipp");
+        if scenario.ends_with(".xml") {
+            command
+                .arg("-sf")
+                .arg(root().join("tests/sipp").join(scenario));
+        } else {
+            command.args(["-sn", scenario]);
+        }
+        command
+            .args(["-i", "127.0.0.1", "-p", &local_port.to_string()])
+            .args([
+                "-nostdin",
+                "-trace_err",
+                "-timeout",
+                "60s",
+                "-timeout_error",
+            ])
+            .arg("-error_file")
+            .arg(dir.path().join("errors.log"))
+            .current_dir(dir.path())
+            .stdin(Stdio::null());
+        let log = dir.path().join("sipp.log");
+        Sipp {
+            command,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<std::ffi::OsStr>) -> Sipp {
+        self.command.arg(arg);
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Sipp
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.command.args(args);
+        self
+    }
+
+    /// Runs to completion.
+    pub fn run(mut self) -> SippRun {
+        let out = std::fs::File::create(&self.log).expect("log");
+        let status = self
+            .command
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .status()
+            .expect("sipp runs (apt-get install sip-tester)");
+        let output = self.output();
+        SippRun { status, output }
+    }
+
+    /// Starts in the background (a UAS); waits until its UDP port is bound.
+    pub fn spawn(self, port: u16) -> SippProcess {
+        self.spawn_until(|| UdpSocket::bind(("127.0.0.1", port)).is_err())
+    }
+
+    /// Starts in the background (a UAS over TCP); waits until it listens.
+    pub fn spawn_tcp(self, port: u16) -> SippProcess {
+        self.spawn_until(|| TcpStream::connect(("127.0.0.1", port)).is_ok())
+    }
+
+    fn spawn_until(mut self, mut ready: impl FnMut() -> bool) -> SippProcess {
+        let out = std::fs::File::create(&self.log).expect("log");
+        let child = self
+            .command
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("sipp runs (apt-get install sip-tester)");
+        let mut process = SippProcess { child, sipp: self };
+        wait_until(Duration::from_secs(10), "SIPp to bind its port", || {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!(
+                    "sipp exited at start with {status}:\n{}",
+                    process.sipp.output()
+                );
+            }
+            ready()
+        });
+        process
+    }
+
+    fn output(&self) -> String {
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        let errors = read(&self._dir.path().join("errors.log"));
+        let traces: String = std::fs::read_dir(self._dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("_errors.log"))
+            .map(|e| read(&e.path()))
+            .collect();
+        format!("{}\n{errors}\n{traces}", read(&self.log))
+    }
+}
+
+/// A background SIPp, killed when dropped.
+pub struct SippProcess {
+    child: Child,
+    sipp: Sipp,
+}
+
+impl SippProcess {
+    /// Waits for it to finish its `-m` calls.
+    pub fn finish(mut self, limit: Duration) -> SippRun {
+        let mut status = None;
+        let deadline = Instant::now() + limit;
+        while status.is_none() && Instant::now() < deadline {
+            status = self.child.try_wait().ok().flatten();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = match status {
+            Some(s) => s,
+            None => {
+                let _ = self.child.kill();
+                self.child.wait().expect("killed")
+            }
+        };
+        SippRun {
+            status,
+            output: self.sipp.output(),
+        }
+    }
+}
+
+impl Drop for SippProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts that a SIPp run succeeded, showing its output if not.
+pub fn assert_sipp_ok(run: &SippRun, what: &str) {
+    assert!(
+        run.status.success(),
+        "{what}: SIPp {}\n{}",
+        run.status,
+        run.output
+    );
+}
+
+/// A raw SIP endpoint over UDP for what SIPp cannot express.
+pub struct SipClient {
+    socket: UdpSocket,
+}
+
+impl Default for SipClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SipClient {
+    pub fn new() -> SipClient {
+        Self::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn bind(addr: SocketAddr) -> SipClient {
+        let socket = UdpSocket::bind(addr).expect("bind SIP client");
+        SipClient { socket }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.socket.local_addr().expect("addr")
+    }
+
+    pub fn send(&self, message: &[u8], to: SocketAddr) {
+        self.socket.send_to(message, to).expect("send");
+    }
+
+    /// The next datagram, or None after `limit`.
+    pub fn recv(&self, limit: Duration) -> Option<String> {
+        self.socket.set_read_timeout(Some(limit)).expect("timeout");
+        let mut buf = vec![0u8; 65_535];
+        let (len, _) = self.socket.recv_from(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+    }
+
+    /// The next response that is not 100 Trying, as (code, text).
+    pub fn final_response(&self, limit: Duration) -> Option<(u16, String)> {
+        let deadline = Instant::now() + limit;
+        while let Some(remaining) = deadline.checked_duration_since(Instant::now()) {
+            let text = self.recv(remaining)?;
+            let code = status_code(&text);
+            if code != Some(100) {
+                return code.map(|c| (c, text));
+            }
+        }
+        None
+    }
+}
+
+/// The status code of a response's text.
+pub fn status_code(text: &str) -> Option<u16> {
+    text.strip_prefix("SIP/2.0 ")?.get(..3)?.parse().ok()
+}
+
+/// The value of the first header `name` in a message's text.
+pub fn header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// An OPTIONS request from `from` to `to`.
+pub fn options(to: SocketAddr, from: SocketAddr, call_id: &str) -> Vec<u8> {
+    format!(
+        "OPTIONS sip:pbx@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK{call_id}{n};rport\r\nMax-Forwards: 70\r\nFrom: <sip:probe@{from}>;tag=p1\r\nTo: <sip:pbx@{to}>\r\nCall-ID: {call_id}{n}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        n = rand_suffix()
+    )
+    .into_bytes()
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}

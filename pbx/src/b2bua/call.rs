@@ -1,0 +1,225 @@
+//! A call: two legs, each its own dialog (RFC 3261 §12) with its own
+//! Call-ID, tags, CSeq and Contact, and what the call needs to remember to
+//! relay between them.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use crate::events::{CallParties, Disposition, EndReason};
+use crate::media::{LegSide, MediaSessionId, SdpRole};
+use crate::sip::message::{CSeq, Message, Method};
+use crate::sip::transaction::TxId;
+use crate::sip::transport::Peer;
+use crate::sip::uri::{NameAddr, Uri};
+
+pub type CallKey = u64;
+
+/// One leg's dialog as the PBX (a user agent on that leg) holds it.
+#[derive(Debug, Clone)]
+pub struct Dialog {
+    pub call_id: String,
+    pub local_tag: String,
+    pub remote_tag: Option<String>,
+    /// Our party, without tag (From of requests we send).
+    pub local: NameAddr,
+    /// Their party, without tag.
+    pub remote: NameAddr,
+    /// Next CSeq number we use.
+    pub local_seq: u32,
+    /// CSeq of the INVITE we sent last on this leg (for ACK and RAck).
+    pub invite_seq: u32,
+    pub remote_target: Uri,
+    pub route_set: Vec<String>,
+    /// Where this leg's peer is reached (its flow, for NAT).
+    pub peer: Peer,
+    /// Our Contact on this leg.
+    pub contact: String,
+}
+
+impl Dialog {
+    /// A request inside this dialog; `ACK` reuses the INVITE's CSeq.
+    pub fn request(&mut self, method: Method) -> Message {
+        let seq = match method {
+            Method::Ack => self.invite_seq,
+            _ => {
+                self.local_seq += 1;
+                self.local_seq
+            }
+        };
+        if method == Method::Invite {
+            self.invite_seq = seq;
+        }
+        let mut m = Message::request(method.clone(), self.remote_target.clone());
+        for route in &self.route_set {
+            m.headers.push("Route", route.clone());
+        }
+        let mut from = self.local.clone();
+        from.set_param("tag", Some(&self.local_tag));
+        let mut to = self.remote.clone();
+        if let Some(tag) = &self.remote_tag {
+            to.set_param("tag", Some(tag));
+        }
+        m.headers.push("From", from.to_string());
+        m.headers.push("To", to.to_string());
+        m.headers.push("Call-ID", self.call_id.clone());
+        m.headers.push("CSeq", CSeq { seq, method }.to_string());
+        m.headers.push("Max-Forwards", "70");
+        m.headers.push("Contact", self.contact.clone());
+        m
+    }
+
+    /// Learns the peer's tag, target and route set from a request or
+    /// response that establishes or refreshes the dialog.
+    pub fn learn(&mut self, message: &Message, from_response: bool) {
+        let remote = if from_response {
+            message.to_tag()
+        } else {
+            message.from_tag()
+        };
+        if remote.is_some() {
+            self.remote_tag = remote;
+        }
+        if let Some(target) = message.contact_uri() {
+            self.remote_target = target;
+        }
+        let mut routes: Vec<String> = message
+            .headers
+            .get_all("Record-Route")
+            .map(str::to_string)
+            .collect();
+        if !routes.is_empty() {
+            // A UAC uses the Record-Route of the response in reverse.
+            if from_response {
+                routes.reverse();
+            }
+            self.route_set = routes;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallState {
+    /// Waiting for the router.
+    Routing,
+    /// B leg INVITE sent, no final response yet.
+    Early,
+    /// 2xx relayed to the caller, waiting for the ACK.
+    Answered,
+    /// ACK relayed: media flowing.
+    Active,
+}
+
+/// A request relayed from one leg to the other, waiting for its answer.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub call: CallKey,
+    /// Leg the request came from; the response goes back there.
+    pub origin: LegSide,
+    pub server_tx: TxId,
+    pub request: Message,
+    pub carried_offer: bool,
+}
+
+/// A 2xx to an INVITE relayed to `origin` whose ACK we wait for.
+#[derive(Debug, Clone, Copy)]
+pub struct AwaitedAck {
+    pub origin: LegSide,
+    pub server_tx: TxId,
+    /// Whether the 2xx carried an offer, so the ACK carries the answer.
+    pub offer_in_2xx: bool,
+}
+
+#[derive(Debug)]
+pub struct Call {
+    pub key: CallKey,
+    pub state: CallState,
+    pub parties: CallParties,
+    pub a: Dialog,
+    pub b: Option<Dialog>,
+    /// The caller's INVITE and its server transaction.
+    pub a_invite: Message,
+    pub a_invite_tx: TxId,
+    pub b_invite_tx: Option<TxId>,
+    pub media: MediaSessionId,
+    pub started: DateTime<Utc>,
+    pub answered: Option<DateTime<Utc>>,
+    /// The caller cancelled before the B leg had anything to cancel.
+    pub cancel_pending: bool,
+    pub ringing_sent: bool,
+    pub awaited_ack: Option<AwaitedAck>,
+    /// The ACK sent on the B leg for its 2xx, resent when the 2xx repeats.
+    pub b_ack: Option<Bytes>,
+    /// Side with an SDP offer not yet answered (RFC 3264).
+    pub open_offer: Option<LegSide>,
+    /// Client transactions of BYEs still running, per leg.
+    pub byes: HashMap<LegSide, TxId>,
+    /// How the call ended, once it has.
+    pub outcome: Option<Outcome>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub disposition: Disposition,
+    pub sip_code: u16,
+    pub end_reason: Option<EndReason>,
+}
+
+impl Call {
+    pub fn leg(&self, side: LegSide) -> Option<&Dialog> {
+        match side {
+            LegSide::A => Some(&self.a),
+            LegSide::B => self.b.as_ref(),
+        }
+    }
+
+    pub fn leg_mut(&mut self, side: LegSide) -> Option<&mut Dialog> {
+        match side {
+            LegSide::A => Some(&mut self.a),
+            LegSide::B => self.b.as_mut(),
+        }
+    }
+
+    /// Offer or answer for an SDP body in a request from `from`.
+    pub fn request_sdp_role(&mut self, from: LegSide, method: &Method) -> SdpRole {
+        let answers =
+            matches!(method, Method::Prack | Method::Ack) && self.open_offer == Some(from.other());
+        if answers {
+            self.open_offer = None;
+            SdpRole::Answer
+        } else {
+            self.open_offer = Some(from);
+            SdpRole::Offer
+        }
+    }
+
+    /// Offer or answer for an SDP body in a response from `from` to a
+    /// request that did (or did not) carry an offer.
+    pub fn response_sdp_role(&mut self, from: LegSide, request_had_offer: bool) -> SdpRole {
+        if request_had_offer {
+            self.open_offer = None;
+            SdpRole::Answer
+        } else {
+            self.open_offer = Some(from);
+            SdpRole::Offer
+        }
+    }
+}
+
+/// CDR disposition of a call that ended with final response `code`.
+pub fn disposition_for(code: u16) -> Disposition {
+    match code {
+        200..=299 => Disposition::Answered,
+        486 | 600 => Disposition::Busy,
+        408 | 480 => Disposition::NoAnswer,
+        487 => Disposition::Cancelled,
+        403 | 603 | 401 | 407 | 488 | 606 => Disposition::Rejected,
+        _ => Disposition::Failed,
+    }
+}
+
+/// A random token for tags and Call-IDs.
+pub fn token() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

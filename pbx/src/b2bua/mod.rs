@@ -1,0 +1,1128 @@
+//! The back-to-back user agent: the transaction user that turns each
+//! caller's INVITE into a call of two legs and relays between them —
+//! provisional and final responses, ACK, BYE from either side, CANCEL,
+//! re-INVITE, UPDATE, PRACK, INFO — with SDP passing through the media
+//! hook. It publishes call events and never touches a socket: it works
+//! through the transaction layer it is handed.
+
+pub mod call;
+pub mod checks;
+pub mod routing;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use self::call::{
+    disposition_for, token, AwaitedAck, Call, CallKey, CallState, Dialog, Outcome, Relay,
+};
+use self::checks::{
+    check_body, check_new_request, check_require, Refusal, ACCEPT, ALLOW, SUPPORTED,
+};
+use self::routing::{RouteOutcome, Target};
+use crate::events::{CallParties, CallSummary, Disposition, EndReason, Event, EventBus};
+use crate::media::{LegSide, MediaError, SdpRole, SessionMedia};
+use crate::sip::message::{Message, Method, StartLine};
+use crate::sip::timer::TimerQueue;
+use crate::sip::transaction::{TransactionLayer, TuEvent, TxId};
+use crate::sip::transport::{Peer, Protocol};
+use crate::sip::uri::{NameAddr, SipUri, Uri};
+use crate::status::PbxStatus;
+
+/// Seconds a refused caller is told to wait (Retry-After).
+const RETRY_AFTER_BUSY: u32 = 5;
+const RETRY_AFTER_DRAIN: u32 = 30;
+
+/// Headers relayed from one leg to the other with a request.
+const REQUEST_HEADERS: [&str; 19] = [
+    "Supported",
+    "Require",
+    "Allow",
+    "Accept",
+    "Session-Expires",
+    "Min-SE",
+    "Subject",
+    "Alert-Info",
+    "Call-Info",
+    "P-Asserted-Identity",
+    "Privacy",
+    "Priority",
+    "Content-Disposition",
+    "Event",
+    "Subscription-State",
+    "Info-Package",
+    "Recv-Info",
+    "Reason",
+    "User-Agent",
+];
+
+/// Headers relayed with a response.
+const RESPONSE_HEADERS: [&str; 13] = [
+    "Supported",
+    "Require",
+    "RSeq",
+    "Allow",
+    "Accept",
+    "Session-Expires",
+    "Min-SE",
+    "Unsupported",
+    "Retry-After",
+    "Warning",
+    "Reason",
+    "Server",
+    "Content-Disposition",
+];
+
+/// Settings of the B2BUA from `sip:`.
+#[derive(Debug, Clone)]
+pub struct CallSettings {
+    pub max_calls: usize,
+    pub ring_timeout: Duration,
+}
+
+/// A routing job for the runtime: route `user` and hand back the outcome.
+#[derive(Debug, Clone)]
+pub struct RouteRequest {
+    pub call: CallKey,
+    pub user: String,
+}
+
+#[derive(Debug)]
+enum ClientPurpose {
+    Invite(CallKey),
+    Relay(Box<Relay>),
+    Bye(CallKey, LegSide),
+    Cancel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum CallTimer {
+    /// The callee has rung for `ring_timeout` (key: call).
+    Ring,
+    /// Forget how to hang up a cancelled INVITE (key: its transaction).
+    Orphan,
+}
+
+/// How long a late 2xx to a cancelled INVITE can arrive (64*T1).
+const ORPHAN_LIFETIME: Duration = Duration::from_secs(32);
+
+pub struct B2bua {
+    settings: CallSettings,
+    calls: HashMap<CallKey, Call>,
+    dialogs: HashMap<(String, String), (CallKey, LegSide)>,
+    invite_server_txs: HashMap<TxId, CallKey>,
+    client_txs: HashMap<TxId, ClientPurpose>,
+    orphans: HashMap<TxId, Dialog>,
+    timers: TimerQueue<(CallKey, CallTimer)>,
+    media: Box<dyn SessionMedia>,
+    bus: EventBus,
+    status: Arc<PbxStatus>,
+    routing: Vec<RouteRequest>,
+    next_key: CallKey,
+}
+
+impl B2bua {
+    pub fn new(
+        settings: CallSettings,
+        media: Box<dyn SessionMedia>,
+        bus: EventBus,
+        status: Arc<PbxStatus>,
+    ) -> Self {
+        Self {
+            settings,
+            calls: HashMap::new(),
+            dialogs: HashMap::new(),
+            invite_server_txs: HashMap::new(),
+            client_txs: HashMap::new(),
+            orphans: HashMap::new(),
+            timers: TimerQueue::default(),
+            media,
+            bus,
+            status,
+            routing: Vec::new(),
+            next_key: 0,
+        }
+    }
+
+    pub fn active_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Routing jobs started since the last call.
+    pub fn take_route_requests(&mut self) -> Vec<RouteRequest> {
+        std::mem::take(&mut self.routing)
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    pub fn handle(&mut self, event: TuEvent, txl: &mut TransactionLayer, now: Instant) {
+        match event {
+            TuEvent::Request { tx, request, peer } => self.on_request(tx, request, peer, txl, now),
+            TuEvent::Cancel {
+                tx,
+                request,
+                invite,
+                ..
+            } => self.on_cancel(tx, request, invite, txl, now),
+            TuEvent::Ack { request, .. } => self.on_ack(request, txl),
+            TuEvent::Response { tx, response } => self.on_response(tx, response, txl, now),
+            TuEvent::Timeout { tx } => self.on_client_timeout(tx, txl, now),
+            TuEvent::AckTimeout { tx } => self.on_ack_timeout(tx, txl, now),
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        tx: TxId,
+        request: Message,
+        peer: Peer,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        if request.to_tag().is_some() {
+            return self.in_dialog(tx, request, txl, now);
+        }
+        if let Err(refusal) = check_new_request(&request) {
+            return refuse(txl, tx, &request, refusal, now);
+        }
+        match request.method() {
+            Some(Method::Invite) => self.new_call(tx, request, peer, txl, now),
+            Some(Method::Options) => self.options(tx, &request, txl, now),
+            Some(Method::Register) => {
+                let code = if self.status.draining() { 503 } else { 501 };
+                let mut response = Message::response_to(&request, code, Some(&token()));
+                if code == 503 {
+                    response
+                        .headers
+                        .push("Retry-After", RETRY_AFTER_DRAIN.to_string());
+                } else {
+                    response.headers.push("Allow", ALLOW);
+                }
+                txl.respond(tx, &response, now);
+            }
+            _ => reply(txl, tx, &request, 481, now),
+        }
+    }
+
+    /// OPTIONS to the PBX: its capabilities, or 503 while draining so that
+    /// SIP-aware balancers stop sending.
+    fn options(&mut self, tx: TxId, request: &Message, txl: &mut TransactionLayer, now: Instant) {
+        let draining = self.status.draining();
+        let mut response =
+            Message::response_to(request, if draining { 503 } else { 200 }, Some(&token()));
+        if draining {
+            response
+                .headers
+                .push("Retry-After", RETRY_AFTER_DRAIN.to_string());
+        }
+        response.headers.push("Allow", ALLOW);
+        response.headers.push("Accept", ACCEPT);
+        response.headers.push("Supported", SUPPORTED.join(", "));
+        txl.respond(tx, &response, now);
+    }
+
+    fn new_call(
+        &mut self,
+        tx: TxId,
+        request: Message,
+        peer: Peer,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let refuse_busy = |txl: &mut TransactionLayer, code: u16, after: u32| {
+            let mut response = Message::response_to(&request, code, Some(&token()));
+            response.headers.push("Retry-After", after.to_string());
+            txl.respond(tx, &response, now);
+        };
+        if self.status.draining() {
+            return refuse_busy(txl, 503, RETRY_AFTER_DRAIN);
+        }
+        if self.calls.len() >= self.settings.max_calls {
+            return refuse_busy(txl, 503, RETRY_AFTER_BUSY);
+        }
+        if self.is_loop(&request, txl) {
+            return reply(txl, tx, &request, 482, now);
+        }
+        if let Err(refusal) = checks::forwarded_max_forwards(&request) {
+            return refuse(txl, tx, &request, refusal, now);
+        }
+        let media = match self.media.open() {
+            Ok(session) => session,
+            Err(e) => {
+                tracing::warn!(error = %e, "no media for a new call");
+                return refuse_busy(txl, 503, RETRY_AFTER_BUSY);
+            }
+        };
+        let (Some(call_id), Some(from), Some(to), Some(Uri::Sip(ruri))) = (
+            request.call_id().map(str::to_string),
+            request.from(),
+            request.to(),
+            request.request_uri().cloned(),
+        ) else {
+            self.media.close(media);
+            return reply(txl, tx, &request, 400, now);
+        };
+        self.next_key += 1;
+        let key = self.next_key;
+        let local_tag = token();
+        let mut a = Dialog {
+            call_id: call_id.clone(),
+            local_tag: local_tag.clone(),
+            remote_tag: None,
+            local: strip_tag(&to),
+            remote: strip_tag(&from),
+            local_seq: 0,
+            invite_seq: 0,
+            remote_target: request.contact_uri().unwrap_or(Uri::Sip(ruri.clone())),
+            route_set: Vec::new(),
+            peer,
+            contact: contact(txl, peer.protocol),
+        };
+        a.learn(&request, false);
+        let user = ruri.user_unescaped().unwrap_or_default();
+        let parties = CallParties {
+            call_id: call_id.clone(),
+            caller: from.uri.to_string(),
+            callee: user.clone(),
+        };
+        self.dialogs.insert((call_id, local_tag), (key, LegSide::A));
+        self.invite_server_txs.insert(tx, key);
+        self.calls.insert(
+            key,
+            Call {
+                key,
+                state: CallState::Routing,
+                parties: parties.clone(),
+                a,
+                b: None,
+                a_invite: request,
+                a_invite_tx: tx,
+                b_invite_tx: None,
+                media,
+                started: Utc::now(),
+                answered: None,
+                cancel_pending: false,
+                ringing_sent: false,
+                awaited_ack: None,
+                b_ack: None,
+                open_offer: None,
+                byes: HashMap::new(),
+                outcome: None,
+            },
+        );
+        self.status
+            .active_calls
+            .store(self.calls.len(), Ordering::Relaxed);
+        self.status.total_calls.fetch_add(1, Ordering::Relaxed);
+        self.bus.publish(Event::CallStarted { call: parties });
+        self.routing.push(RouteRequest { call: key, user });
+    }
+
+    /// A request that came back to us: one of our own branches in its Via.
+    fn is_loop(&self, request: &Message, txl: &TransactionLayer) -> bool {
+        let local = txl.local();
+        request.vias().skip(1).any(|via| {
+            via.host == local.host
+                && via.port.unwrap_or(5060) == local.port
+                && via.branch().is_some_and(|b| txl.is_own_branch(b))
+        })
+    }
+
+    /// The router's answer for a call waiting in `Routing`.
+    pub fn on_route(
+        &mut self,
+        key: CallKey,
+        outcome: RouteOutcome,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let Some(call) = self.calls.get(&key) else {
+            return;
+        };
+        if call.state != CallState::Routing {
+            return;
+        }
+        match outcome {
+            RouteOutcome::Reject(code) => self.fail_call(key, code, txl, now),
+            RouteOutcome::Targets(targets) => match targets.into_iter().next() {
+                Some(target) => self.start_b_leg(key, target, txl, now),
+                None => self.fail_call(key, 404, txl, now),
+            },
+        }
+    }
+
+    fn start_b_leg(
+        &mut self,
+        key: CallKey,
+        target: Target,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        let a_invite = &call.a_invite;
+        let mut from = call.a.remote.clone();
+        from.params.clear();
+        let to = if target.registered {
+            call.a.local.clone()
+        } else {
+            let mut uri = target.uri.clone();
+            uri.params.clear();
+            NameAddr::new(Uri::Sip(uri))
+        };
+        let mut b = Dialog {
+            call_id: format!("{}@{}", token(), txl.local().host),
+            local_tag: token(),
+            remote_tag: None,
+            local: from,
+            remote: to,
+            local_seq: 0,
+            invite_seq: 0,
+            remote_target: Uri::Sip(target.uri.clone()),
+            route_set: Vec::new(),
+            peer: target.peer,
+            contact: contact(txl, target.peer.protocol),
+        };
+        let mut invite = b.request(Method::Invite);
+        let mf = checks::forwarded_max_forwards(a_invite).unwrap_or(69);
+        invite.headers.set("Max-Forwards", mf.to_string());
+        copy_headers(a_invite, &mut invite, &REQUEST_HEADERS);
+        let offer = a_invite.sdp().cloned();
+        let media = call.media;
+        if let Some(sdp) = offer {
+            call.open_offer = Some(LegSide::A);
+            match self.media.relay_sdp(media, LegSide::A, SdpRole::Offer, sdp) {
+                Ok(body) => invite.set_body(Some("application/sdp"), body),
+                Err(e) => {
+                    let code = media_error_code(&e);
+                    return self.fail_call(key, code, txl, now);
+                }
+            }
+        }
+        self.dialogs
+            .insert((b.call_id.clone(), b.local_tag.clone()), (key, LegSide::B));
+        let tx = txl.send_request(invite, target.peer, now);
+        self.client_txs.insert(tx, ClientPurpose::Invite(key));
+        call.b = Some(b);
+        call.b_invite_tx = Some(tx);
+        call.state = CallState::Early;
+        self.timers
+            .schedule(now + self.settings.ring_timeout, (key, CallTimer::Ring));
+    }
+
+    /// Ends a call that never reached the callee, with `code` to the caller.
+    fn fail_call(&mut self, key: CallKey, code: u16, txl: &mut TransactionLayer, now: Instant) {
+        let Some(call) = self.calls.get(&key) else {
+            return;
+        };
+        let response = Message::response_to(&call.a_invite, code, Some(&call.a.local_tag));
+        txl.respond(call.a_invite_tx, &response, now);
+        self.finish(key, outcome(code, None));
+    }
+
+    fn on_cancel(
+        &mut self,
+        tx: TxId,
+        request: Message,
+        invite: Option<TxId>,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let key = invite.and_then(|i| self.invite_server_txs.get(&i).copied());
+        let Some(key) = key.filter(|k| self.calls.contains_key(k)) else {
+            return reply(txl, tx, &request, 481, now);
+        };
+        reply(txl, tx, &request, 200, now);
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        if !matches!(call.state, CallState::Routing | CallState::Early) {
+            return;
+        }
+        let terminated = Message::response_to(&call.a_invite, 487, Some(&call.a.local_tag));
+        txl.respond(call.a_invite_tx, &terminated, now);
+        match call.b_invite_tx {
+            Some(b_tx) if call.b.as_ref().is_some_and(|b| b.remote_tag.is_some()) => {
+                if let Some(cancel) = txl.cancel(b_tx, now) {
+                    self.client_txs.insert(cancel, ClientPurpose::Cancel);
+                }
+            }
+            Some(_) => {
+                // RFC 3261 §9.1: no CANCEL before a provisional response;
+                // it goes when one arrives.
+                call.cancel_pending = true;
+                return;
+            }
+            None => {}
+        }
+        self.finish(key, outcome(487, None));
+    }
+
+    fn on_response(
+        &mut self,
+        tx: TxId,
+        response: Message,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let purpose = match self.client_txs.get(&tx) {
+            Some(ClientPurpose::Invite(key)) => ClientPurpose::Invite(*key),
+            Some(ClientPurpose::Relay(relay)) => ClientPurpose::Relay(relay.clone()),
+            Some(ClientPurpose::Bye(key, side)) => ClientPurpose::Bye(*key, *side),
+            Some(ClientPurpose::Cancel) => return,
+            None => return self.on_orphan_response(tx, &response, txl, now),
+        };
+        let code = response.code().unwrap_or(500);
+        // An INVITE's 2xx may repeat (RFC 6026): keep its purpose until the call goes.
+        let repeats = matches!(purpose, ClientPurpose::Invite(_)) && (200..300).contains(&code);
+        if code >= 200 && !repeats {
+            self.client_txs.remove(&tx);
+        }
+        match purpose {
+            ClientPurpose::Invite(key) => self.on_b_invite_response(key, tx, response, txl, now),
+            ClientPurpose::Relay(relay) => self.relay_response(*relay, response, txl, now),
+            ClientPurpose::Bye(key, side) => {
+                if code >= 200 {
+                    self.bye_done(key, side);
+                }
+            }
+            ClientPurpose::Cancel => {}
+        }
+    }
+
+    fn on_b_invite_response(
+        &mut self,
+        key: CallKey,
+        tx: TxId,
+        response: Message,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let code = response.code().unwrap_or(500);
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        if (200..300).contains(&code) && call.b_ack.is_some() {
+            // The callee did not hear our ACK: repeat it.
+            if let (Some(ack), Some(b)) = (call.b_ack.clone(), call.b.as_ref()) {
+                txl.resend(b.peer, ack);
+            }
+            return;
+        }
+        if let Some(b) = call.b.as_mut() {
+            if code > 100 && response.to_tag().is_some() {
+                b.learn(&response, true);
+            }
+        }
+        if call.cancel_pending {
+            if code < 200 {
+                if let Some(cancel) = txl.cancel(tx, now) {
+                    self.client_txs.insert(cancel, ClientPurpose::Cancel);
+                }
+                self.finish(key, outcome(487, None));
+            } else if code < 300 {
+                self.hang_up_b_after_2xx(key, &response, txl, now);
+            } else {
+                self.finish(key, outcome(487, None));
+            }
+            return;
+        }
+        if call.state != CallState::Early {
+            return;
+        }
+        let had_offer = call.a_invite.sdp().is_some();
+        let mut relayed = Message::response_to(&call.a_invite, code, Some(&call.a.local_tag));
+        if let StartLine::Response { reason, .. } = &response.start {
+            relayed.start = StartLine::Response {
+                code,
+                reason: reason.clone(),
+            };
+        }
+        copy_headers(&response, &mut relayed, &RESPONSE_HEADERS);
+        if code < 300 {
+            relayed.headers.push("Contact", call.a.contact.clone());
+        } else if code < 400 {
+            for contact in response.headers.get_all("Contact") {
+                relayed.headers.push("Contact", contact);
+            }
+        }
+        if let Some(sdp) = response.sdp().cloned() {
+            let role = call.response_sdp_role(LegSide::B, had_offer);
+            match self.media.relay_sdp(call.media, LegSide::B, role, sdp) {
+                Ok(body) => relayed.set_body(Some("application/sdp"), body),
+                Err(e) => tracing::warn!(call = key, error = %e, "SDP from the callee not relayed"),
+            }
+        }
+        let a_tx = call.a_invite_tx;
+        match code {
+            101..=199 => {
+                txl.respond(a_tx, &relayed, now);
+                if !call.ringing_sent {
+                    call.ringing_sent = true;
+                    self.bus.publish(Event::CallRinging {
+                        call: call.parties.clone(),
+                        code,
+                    });
+                }
+            }
+            200..=299 => {
+                let offer_in_2xx = !had_offer && response.sdp().is_some();
+                call.state = CallState::Answered;
+                call.answered = Some(Utc::now());
+                call.awaited_ack = Some(AwaitedAck {
+                    origin: LegSide::A,
+                    server_tx: a_tx,
+                    offer_in_2xx,
+                });
+                txl.respond(a_tx, &relayed, now);
+                let codec = self.media.codec(call.media);
+                self.bus.publish(Event::CallAnswered {
+                    call: call.parties.clone(),
+                    codec,
+                });
+            }
+            _ => {
+                txl.respond(a_tx, &relayed, now);
+                self.finish(key, outcome(code, None));
+            }
+        }
+    }
+
+    /// The callee answered a call the caller has already left: ACK and BYE.
+    fn hang_up_b_after_2xx(
+        &mut self,
+        key: CallKey,
+        response: &Message,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        let Some(b) = call.b.as_mut() else {
+            return;
+        };
+        b.learn(response, true);
+        let ack = b.request(Method::Ack);
+        let wire = txl.send_ack(ack, b.peer);
+        call.b_ack = Some(wire);
+        self.send_bye(key, LegSide::B, txl, now);
+        self.finish(key, outcome(487, None));
+    }
+
+    /// A response for the INVITE of a call that has ended before the callee
+    /// answered: a late 2xx is acknowledged and hung up at once.
+    fn on_orphan_response(
+        &mut self,
+        tx: TxId,
+        response: &Message,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        if !response.code().is_some_and(|c| (200..300).contains(&c)) {
+            return;
+        }
+        let Some(mut b) = self.orphans.remove(&tx) else {
+            return;
+        };
+        b.learn(response, true);
+        let ack = b.request(Method::Ack);
+        txl.send_ack(ack, b.peer);
+        let bye = b.request(Method::Bye);
+        txl.send_request(bye, b.peer, now);
+    }
+
+    fn on_ack(&mut self, ack: Message, txl: &mut TransactionLayer) {
+        let Some((key, side)) = self.dialog_of(&ack) else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        let Some(awaited) = call.awaited_ack.filter(|a| a.origin == side) else {
+            return;
+        };
+        call.awaited_ack = None;
+        txl.ack_received(awaited.server_tx);
+        if call.state == CallState::Answered {
+            call.state = CallState::Active;
+        }
+        let body = match ack.sdp().cloned() {
+            Some(sdp) if awaited.offer_in_2xx => {
+                let role = call.request_sdp_role(side, &Method::Ack);
+                self.media.relay_sdp(call.media, side, role, sdp).ok()
+            }
+            _ => None,
+        };
+        let Some(other) = call.leg_mut(side.other()) else {
+            return;
+        };
+        let mut relayed = other.request(Method::Ack);
+        if let Some(body) = body {
+            relayed.set_body(Some("application/sdp"), body);
+        }
+        let peer = other.peer;
+        let wire = txl.send_ack(relayed, peer);
+        if side == LegSide::A {
+            call.b_ack = Some(wire);
+        }
+    }
+
+    /// The dialog and leg a request belongs to, by Call-ID and our tag.
+    fn dialog_of(&self, request: &Message) -> Option<(CallKey, LegSide)> {
+        let call_id = request.call_id()?.to_string();
+        let tag = request.to_tag()?;
+        self.dialogs.get(&(call_id, tag)).copied()
+    }
+
+    fn in_dialog(&mut self, tx: TxId, request: Message, txl: &mut TransactionLayer, now: Instant) {
+        let Some((key, side)) = self.dialog_of(&request) else {
+            return reply(txl, tx, &request, 481, now);
+        };
+        let method = request.method().cloned().unwrap_or(Method::Options);
+        if method == Method::Bye {
+            reply(txl, tx, &request, 200, now);
+            let reason = if side == LegSide::A {
+                EndReason::CallerBye
+            } else {
+                EndReason::CalleeBye
+            };
+            return self.hang_up(key, Some(side), reason, txl, now);
+        }
+        if let Err(refusal) = check_require(&request) {
+            return refuse(txl, tx, &request, refusal, now);
+        }
+        if matches!(method, Method::Invite | Method::Update | Method::Prack) {
+            if let Err(refusal) = check_body(&request) {
+                return refuse(txl, tx, &request, refusal, now);
+            }
+        }
+        self.relay_request(key, side, tx, request, method, txl, now);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn relay_request(
+        &mut self,
+        key: CallKey,
+        side: LegSide,
+        tx: TxId,
+        request: Message,
+        method: Method,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return reply(txl, tx, &request, 481, now);
+        };
+        if let Some(origin) = call.leg_mut(side) {
+            origin.learn(&request, false);
+        }
+        let other_ready = call
+            .leg(side.other())
+            .is_some_and(|d| d.remote_tag.is_some());
+        if !other_ready {
+            // The far leg has no dialog yet to carry the request.
+            return reply(txl, tx, &request, 491, now);
+        }
+        let rack = request.headers.get("RAck").map(str::to_string);
+        let body = match request.sdp().cloned() {
+            Some(sdp) => {
+                let role = call.request_sdp_role(side, &method);
+                match self.media.relay_sdp(call.media, side, role, sdp) {
+                    Ok(body) => Some((Some("application/sdp".to_string()), body)),
+                    Err(e) => return reply(txl, tx, &request, media_error_code(&e), now),
+                }
+            }
+            None if !request.body.is_empty() => Some((
+                request.headers.get("Content-Type").map(str::to_string),
+                request.body.clone(),
+            )),
+            None => None,
+        };
+        let Some(other) = call.leg_mut(side.other()) else {
+            return;
+        };
+        let mut relayed = other.request(method.clone());
+        copy_headers(&request, &mut relayed, &REQUEST_HEADERS);
+        for h in request
+            .headers
+            .iter()
+            .filter(|h| h.name.to_ascii_lowercase().starts_with("x-"))
+        {
+            relayed.headers.push(h.name.clone(), h.value.clone());
+        }
+        if let Some(rack) = rack {
+            // RAck names the INVITE of the far leg: its CSeq, our RSeq.
+            let mut parts = rack.split_whitespace();
+            if let (Some(rseq), Some(_), Some(m)) = (parts.next(), parts.next(), parts.next()) {
+                relayed
+                    .headers
+                    .push("RAck", format!("{rseq} {} {m}", other.invite_seq));
+            }
+        }
+        if let Some((content_type, body)) = body {
+            relayed.set_body(content_type.as_deref(), body);
+        }
+        let peer = other.peer;
+        let carried_offer = request.sdp().is_some();
+        let client = txl.send_request(relayed, peer, now);
+        self.client_txs.insert(
+            client,
+            ClientPurpose::Relay(Box::new(Relay {
+                call: key,
+                origin: side,
+                server_tx: tx,
+                request,
+                carried_offer,
+            })),
+        );
+    }
+
+    fn relay_response(
+        &mut self,
+        relay: Relay,
+        response: Message,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let code = response.code().unwrap_or(500);
+        let Some(call) = self.calls.get_mut(&relay.call) else {
+            return;
+        };
+        let responder = relay.origin.other();
+        if let Some(far) = call.leg_mut(responder) {
+            if (200..300).contains(&code) && relay.request.method() == Some(&Method::Invite) {
+                far.learn(&response, true);
+            }
+        }
+        let Some(origin) = call.leg(relay.origin) else {
+            return;
+        };
+        let mut relayed = Message::response_to(&relay.request, code, Some(&origin.local_tag));
+        if let StartLine::Response { reason, .. } = &response.start {
+            relayed.start = StartLine::Response {
+                code,
+                reason: reason.clone(),
+            };
+        }
+        copy_headers(&response, &mut relayed, &RESPONSE_HEADERS);
+        if (101..300).contains(&code) {
+            relayed.headers.push("Contact", origin.contact.clone());
+        }
+        if let Some(sdp) = response.sdp().cloned() {
+            let role = call.response_sdp_role(responder, relay.carried_offer);
+            match self.media.relay_sdp(call.media, responder, role, sdp) {
+                Ok(body) => relayed.set_body(Some("application/sdp"), body),
+                Err(e) => tracing::warn!(call = relay.call, error = %e, "SDP not relayed"),
+            }
+        } else if !response.body.is_empty() {
+            let ct = response.headers.get("Content-Type").map(str::to_string);
+            relayed.set_body(ct.as_deref(), response.body.clone());
+        }
+        if relay.request.method() == Some(&Method::Invite) && (200..300).contains(&code) {
+            call.awaited_ack = Some(AwaitedAck {
+                origin: relay.origin,
+                server_tx: relay.server_tx,
+                offer_in_2xx: !relay.carried_offer && response.sdp().is_some(),
+            });
+        }
+        txl.respond(relay.server_tx, &relayed, now);
+    }
+
+    fn on_client_timeout(&mut self, tx: TxId, txl: &mut TransactionLayer, now: Instant) {
+        match self.client_txs.remove(&tx) {
+            Some(ClientPurpose::Invite(key)) => {
+                if self
+                    .calls
+                    .get(&key)
+                    .is_some_and(|c| c.state == CallState::Early)
+                {
+                    self.fail_call(key, 408, txl, now);
+                }
+            }
+            Some(ClientPurpose::Relay(relay)) => {
+                let response = Message::response_to(&relay.request, 408, None);
+                txl.respond(relay.server_tx, &response, now);
+            }
+            Some(ClientPurpose::Bye(key, side)) => self.bye_done(key, side),
+            Some(ClientPurpose::Cancel) | None => {}
+        }
+    }
+
+    /// Our 2xx was never acknowledged: the call cannot be set up.
+    fn on_ack_timeout(&mut self, tx: TxId, txl: &mut TransactionLayer, now: Instant) {
+        let key = self
+            .calls
+            .values()
+            .find_map(|c| c.awaited_ack.filter(|a| a.server_tx == tx).map(|_| c.key));
+        if let Some(key) = key {
+            tracing::info!(call = key, "no ACK for 2xx: hanging up");
+            self.hang_up(key, None, EndReason::Error, txl, now);
+        }
+    }
+
+    /// Ends an established call: BYE to every leg except `except` (the one
+    /// that sent BYE), then the record.
+    pub fn hang_up(
+        &mut self,
+        key: CallKey,
+        except: Option<LegSide>,
+        reason: EndReason,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        if call.outcome.is_some() {
+            return;
+        }
+        if call.state == CallState::Answered && call.b_ack.is_none() {
+            // The callee's 2xx still waits for an ACK: give it one first.
+            if let Some(b) = call.b.as_mut() {
+                let ack = b.request(Method::Ack);
+                call.b_ack = Some(txl.send_ack(ack, b.peer));
+            }
+        }
+        for side in [LegSide::A, LegSide::B] {
+            if Some(side) != except {
+                self.send_bye(key, side, txl, now);
+            }
+        }
+        let answered = self.calls.get(&key).is_some_and(|c| c.answered.is_some());
+        let code = if answered { 200 } else { 487 };
+        self.finish(key, outcome(code, Some(reason)));
+    }
+
+    fn send_bye(&mut self, key: CallKey, side: LegSide, txl: &mut TransactionLayer, now: Instant) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        let Some(dialog) = call.leg_mut(side).filter(|d| d.remote_tag.is_some()) else {
+            return;
+        };
+        let bye = dialog.request(Method::Bye);
+        let peer = dialog.peer;
+        let tx = txl.send_request(bye, peer, now);
+        call.byes.insert(side, tx);
+        self.client_txs.insert(tx, ClientPurpose::Bye(key, side));
+    }
+
+    fn bye_done(&mut self, key: CallKey, side: LegSide) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        call.byes.remove(&side);
+        if call.byes.is_empty() && call.outcome.is_some() {
+            self.remove(key);
+        }
+    }
+
+    /// Records how the call ended and forgets it once no BYE is running.
+    fn finish(&mut self, key: CallKey, done: Outcome) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        if call.outcome.is_some() {
+            return;
+        }
+        // A caller who cancelled is billed as cancelled whatever came after.
+        let done = if call.cancel_pending {
+            outcome(487, None)
+        } else {
+            done
+        };
+        call.outcome = Some(done);
+        let end = Utc::now();
+        let duration = call
+            .answered
+            .map(|a| (end - a).num_milliseconds().max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        let codec = self.media.codec(call.media);
+        let summary = CallSummary {
+            start_time: call.started,
+            answer_time: call.answered,
+            end_time: end,
+            duration,
+            disposition: done.disposition,
+            sip_code: done.sip_code,
+            end_reason: done.end_reason,
+            codec,
+        };
+        self.bus.publish(Event::CallEnded {
+            call: call.parties.clone(),
+            summary,
+        });
+        if call.byes.is_empty() {
+            self.remove(key);
+        } else {
+            // Keep the dialogs until the BYEs are answered; free the rest.
+            let media = call.media;
+            self.media.close(media);
+        }
+    }
+
+    fn remove(&mut self, key: CallKey) {
+        let Some(call) = self.calls.remove(&key) else {
+            return;
+        };
+        self.media.close(call.media);
+        self.dialogs
+            .remove(&(call.a.call_id.clone(), call.a.local_tag.clone()));
+        if let Some(b) = &call.b {
+            self.dialogs
+                .remove(&(b.call_id.clone(), b.local_tag.clone()));
+        }
+        self.invite_server_txs.remove(&call.a_invite_tx);
+        if let Some(tx) = call.b_invite_tx {
+            self.client_txs.remove(&tx);
+            if let (CallState::Early, Some(b)) = (call.state, call.b) {
+                // The callee may still answer; remember how to hang up.
+                self.orphans.insert(tx, b);
+                self.timers
+                    .schedule(Instant::now() + ORPHAN_LIFETIME, (tx, CallTimer::Orphan));
+            }
+        }
+        self.status
+            .active_calls
+            .store(self.calls.len(), Ordering::Relaxed);
+    }
+
+    /// Fires due call timers (ring timeout).
+    pub fn on_timers(&mut self, txl: &mut TransactionLayer, now: Instant) {
+        while let Some((key, timer)) = self.timers.pop_due(now) {
+            if timer == CallTimer::Orphan {
+                self.orphans.remove(&key);
+                continue;
+            }
+            let Some(call) = self.calls.get_mut(&key) else {
+                continue;
+            };
+            if call.state != CallState::Early || call.outcome.is_some() {
+                continue;
+            }
+            tracing::info!(call = key, "callee did not answer in time");
+            let response = Message::response_to(&call.a_invite, 480, Some(&call.a.local_tag));
+            txl.respond(call.a_invite_tx, &response, now);
+            if let Some(tx) = call.b_invite_tx {
+                match txl.cancel(tx, now) {
+                    Some(cancel) => {
+                        self.client_txs.insert(cancel, ClientPurpose::Cancel);
+                    }
+                    None => txl.forget_client(tx),
+                }
+            }
+            self.finish(key, outcome(480, None));
+        }
+    }
+
+    /// Hangs up every call (drain deadline, media timeout of all).
+    pub fn hang_up_all(&mut self, reason: EndReason, txl: &mut TransactionLayer, now: Instant) {
+        let keys: Vec<CallKey> = self.calls.keys().copied().collect();
+        for key in keys {
+            let early = self
+                .calls
+                .get(&key)
+                .is_some_and(|c| matches!(c.state, CallState::Routing | CallState::Early));
+            if early {
+                if let Some(tx) = self.calls.get(&key).and_then(|c| c.b_invite_tx) {
+                    if let Some(cancel) = txl.cancel(tx, now) {
+                        self.client_txs.insert(cancel, ClientPurpose::Cancel);
+                    }
+                }
+                self.fail_call(key, 503, txl, now);
+            } else {
+                self.hang_up(key, None, reason, txl, now);
+            }
+        }
+    }
+
+    /// Calls still holding state (for drain: exit when none is left).
+    pub fn has_live_calls(&self) -> bool {
+        self.calls.values().any(|c| c.outcome.is_none())
+    }
+
+    /// The call whose media session timed out.
+    pub fn on_media_timeout(
+        &mut self,
+        session: crate::media::MediaSessionId,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let key = self
+            .calls
+            .values()
+            .find(|c| c.media == session && c.outcome.is_none())
+            .map(|c| c.key);
+        if let Some(key) = key {
+            self.hang_up(key, None, EndReason::RtpTimeout, txl, now);
+        }
+    }
+}
+
+fn outcome(code: u16, end_reason: Option<EndReason>) -> Outcome {
+    let disposition = if end_reason.is_some() && code == 200 {
+        Disposition::Answered
+    } else {
+        disposition_for(code)
+    };
+    Outcome {
+        disposition,
+        sip_code: code,
+        end_reason,
+    }
+}
+
+fn media_error_code(error: &MediaError) -> u16 {
+    match error {
+        MediaError::PoolExhausted => 503,
+        MediaError::NoCommonCodec => 488,
+        MediaError::BadSdp(_) => 400,
+    }
+}
+
+fn strip_tag(name: &NameAddr) -> NameAddr {
+    let mut n = name.clone();
+    n.params.retain(|p| !p.name.eq_ignore_ascii_case("tag"));
+    n
+}
+
+/// Our Contact for a leg on `protocol`.
+fn contact(txl: &TransactionLayer, protocol: Protocol) -> String {
+    let local = txl.local();
+    let mut uri = SipUri::new(Some("pbx"), local.host.clone(), Some(local.port));
+    if protocol == Protocol::Tcp {
+        uri.params.push(crate::sip::uri::Param {
+            name: "transport".into(),
+            value: Some("tcp".into()),
+        });
+    }
+    format!("<{uri}>")
+}
+
+fn copy_headers(from: &Message, to: &mut Message, names: &[&str]) {
+    for name in names {
+        for value in from.headers.get_all(name) {
+            to.headers.push(*name, value);
+        }
+    }
+}
+
+fn reply(txl: &mut TransactionLayer, tx: TxId, request: &Message, code: u16, now: Instant) {
+    let response = Message::response_to(request, code, Some(&token()));
+    txl.respond(tx, &response, now);
+}
+
+fn refuse(txl: &mut TransactionLayer, tx: TxId, request: &Message, refusal: Refusal, now: Instant) {
+    let mut response = Message::response_to(request, refusal.code, Some(&token()));
+    for (name, value) in refusal.headers {
+        response.headers.push(name, value);
+    }
+    txl.respond(tx, &response, now);
+}

@@ -1,0 +1,348 @@
+//! SIP over UDP and TCP: sockets, stream framing, the Via `received` and
+//! `rport` stamps of RFC 3261 §18.2.1 / RFC 3581, and the SIP traffic log.
+//! Everything received goes up one channel; everything sent goes through
+//! `Transport::send`, which never blocks the caller.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+
+use super::message::{Message, Via};
+use super::parse::{parse_datagram, parse_stream, FrameError, Parsed, MAX_MESSAGE};
+use crate::config::TransportMode;
+use crate::logging::TrafficLog;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Udp,
+    Tcp,
+}
+
+impl Protocol {
+    pub fn via_name(self) -> &'static str {
+        match self {
+            Protocol::Udp => "UDP",
+            Protocol::Tcp => "TCP",
+        }
+    }
+}
+
+/// A remote SIP element as the network sees it: address and transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub protocol: Protocol,
+}
+
+impl Peer {
+    pub fn reliable(&self) -> bool {
+        self.protocol == Protocol::Tcp
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.protocol.via_name())
+    }
+}
+
+/// Bytes to send to a peer.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub peer: Peer,
+    pub data: Bytes,
+}
+
+/// A framed message from a peer.
+#[derive(Debug)]
+pub struct Inbound {
+    pub parsed: Parsed,
+    pub peer: Peer,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot bind SIP {protocol} on {addr}: {source}")]
+    Bind {
+        protocol: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+type Connections = Arc<Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Bytes>>>>;
+
+/// The PBX's SIP sockets.
+#[derive(Clone)]
+pub struct Transport {
+    udp: Option<Arc<UdpSocket>>,
+    tcp: Connections,
+    inbound: mpsc::Sender<Inbound>,
+    traffic: Option<TrafficLog>,
+    local_port: u16,
+}
+
+impl Transport {
+    /// Binds the sockets `mode` asks for; received messages arrive on the
+    /// returned channel.
+    pub async fn bind(
+        listen: SocketAddr,
+        mode: TransportMode,
+        traffic: Option<TrafficLog>,
+    ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
+        let (tx, rx) = mpsc::channel(16_384);
+        let mut local_port = listen.port();
+        let udp = if mode.udp() {
+            let socket = UdpSocket::bind(listen)
+                .await
+                .map_err(|source| TransportError::Bind {
+                    protocol: "UDP",
+                    addr: listen,
+                    source,
+                })?;
+            local_port = socket.local_addr().map(|a| a.port()).unwrap_or(local_port);
+            Some(Arc::new(socket))
+        } else {
+            None
+        };
+        let transport = Transport {
+            udp,
+            tcp: Arc::default(),
+            inbound: tx,
+            traffic,
+            local_port,
+        };
+        if let Some(socket) = &transport.udp {
+            tokio::spawn(transport.clone().udp_loop(Arc::clone(socket)));
+        }
+        if mode.tcp() {
+            let addr = SocketAddr::new(listen.ip(), local_port);
+            let listener =
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| TransportError::Bind {
+                        protocol: "TCP",
+                        addr,
+                        source,
+                    })?;
+            tokio::spawn(transport.clone().accept_loop(listener));
+        }
+        Ok((transport, rx))
+    }
+
+    /// The port actually bound (for `listen_port: 0` in tests).
+    pub fn local_port(&self) -> u16 {
+        self.local_port
+    }
+
+    async fn udp_loop(self, socket: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let (len, addr) = match socket.recv_from(&mut buf).await {
+                Ok(got) => got,
+                // ICMP port-unreachable from an earlier send surfaces here.
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            let peer = Peer {
+                addr,
+                protocol: Protocol::Udp,
+            };
+            let data = &buf[..len];
+            if let Some(log) = &self.traffic {
+                log.received(peer, data);
+            }
+            match parse_datagram(data) {
+                Ok(parsed) => {
+                    if self.deliver(parsed, peer).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "dropped datagram"),
+            }
+        }
+    }
+
+    async fn accept_loop(self, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, addr)) => {
+                    self.adopt(stream, addr);
+                }
+                Err(e) => tracing::warn!(error = %e, "TCP accept failed"),
+            }
+        }
+    }
+
+    /// Starts reading and writing a TCP connection, accepted or opened.
+    fn adopt(&self, stream: TcpStream, addr: SocketAddr) -> mpsc::UnboundedSender<Bytes> {
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        if let Ok(mut map) = self.tcp.lock() {
+            map.insert(addr, tx.clone());
+        }
+        let connections = Arc::clone(&self.tcp);
+        tokio::spawn(async move {
+            while let Some(data) = rx.recv().await {
+                if writer.write_all(&data).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let this = self.clone();
+        tokio::spawn(async move {
+            let peer = Peer {
+                addr,
+                protocol: Protocol::Tcp,
+            };
+            let mut buf = BytesMut::with_capacity(8192);
+            'read: loop {
+                match reader.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                loop {
+                    match parse_stream(&buf) {
+                        Ok((parsed, used)) => {
+                            if let Some(log) = &this.traffic {
+                                log.received(peer, &buf[..used]);
+                            }
+                            let _ = buf.split_to(used);
+                            if this.deliver(parsed, peer).await.is_err() {
+                                break 'read;
+                            }
+                        }
+                        Err(FrameError::Incomplete) => break,
+                        Err(FrameError::Garbage(why)) => {
+                            tracing::debug!(%peer, %why, "closing TCP connection");
+                            break 'read;
+                        }
+                    }
+                }
+            }
+            if let Ok(mut map) = connections.lock() {
+                map.remove(&addr);
+            }
+        });
+        tx
+    }
+
+    async fn deliver(&self, mut parsed: Parsed, peer: Peer) -> Result<(), ()> {
+        if parsed.message.is_request() {
+            stamp_via(&mut parsed.message, peer);
+        }
+        self.inbound
+            .send(Inbound { parsed, peer })
+            .await
+            .map_err(|_| ())
+    }
+
+    /// Sends without waiting; TCP connects first when there is no connection.
+    pub fn send(&self, out: Outbound) {
+        if let Some(log) = &self.traffic {
+            log.sent(out.peer, &out.data);
+        }
+        match out.peer.protocol {
+            Protocol::Udp => {
+                let Some(socket) = &self.udp else {
+                    tracing::warn!(peer = %out.peer, "no UDP socket to send on");
+                    return;
+                };
+                match socket.try_send_to(&out.data, out.peer.addr) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        let socket = Arc::clone(socket);
+                        tokio::spawn(async move {
+                            let _ = socket.send_to(&out.data, out.peer.addr).await;
+                        });
+                    }
+                    Err(e) => tracing::debug!(peer = %out.peer, error = %e, "UDP send failed"),
+                }
+            }
+            Protocol::Tcp => {
+                let existing = self
+                    .tcp
+                    .lock()
+                    .ok()
+                    .and_then(|map| map.get(&out.peer.addr).cloned());
+                if let Some(conn) = existing {
+                    if conn.send(out.data.clone()).is_ok() {
+                        return;
+                    }
+                }
+                let this = self.clone();
+                tokio::spawn(async move {
+                    match TcpStream::connect(out.peer.addr).await {
+                        Ok(stream) => {
+                            let _ = this.adopt(stream, out.peer.addr).send(out.data);
+                        }
+                        Err(e) => {
+                            tracing::info!(peer = %out.peer, error = %e, "TCP connect failed")
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// RFC 3261 §18.2.1 and RFC 3581: record where a request really came from.
+fn stamp_via(message: &mut Message, peer: Peer) {
+    let Some(value) = message.headers.first_mut("Via") else {
+        return;
+    };
+    let Ok(mut via) = Via::parse(value) else {
+        return;
+    };
+    let ip = peer.addr.ip();
+    let mut changed = false;
+    if via.host.ip() != Some(ip) {
+        via.set_param("received", Some(ip.to_string()));
+        changed = true;
+    }
+    if via.param("rport").is_some() {
+        via.set_param("rport", Some(peer.addr.port().to_string()));
+        if via.param("received").is_none() {
+            via.set_param("received", Some(ip.to_string()));
+        }
+        changed = true;
+    }
+    if changed {
+        *value = via.to_string();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::parse::parse_datagram;
+
+    #[test]
+    fn via_gets_received_and_rport() {
+        let text = "OPTIONS sip:x@y SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1;rport\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n\r\n";
+        let mut m = parse_datagram(text.as_bytes()).expect("framed").message;
+        let peer = Peer {
+            addr: "192.0.2.9:40000".parse().unwrap(),
+            protocol: Protocol::Udp,
+        };
+        stamp_via(&mut m, peer);
+        let via = m.top_via().expect("via");
+        assert_eq!(
+            via.param("received").and_then(|p| p.value.as_deref()),
+            Some("192.0.2.9")
+        );
+        assert_eq!(
+            via.param("rport").and_then(|p| p.value.as_deref()),
+            Some("40000")
+        );
+        assert_eq!(via.branch(), Some("z9hG4bK1"));
+    }
+}

@@ -1,0 +1,191 @@
+//! Calls through the real `sip-pbx` between SIPp caller and callee
+//! scenarios (tests/sipp/), over UDP and TCP.
+
+use std::time::Duration;
+
+use sip_pbx_e2e::{
+    assert_sipp_ok, free_port, header, status_code, wait_until, Pbx, SipClient, Sipp,
+};
+
+const CALL_LIMIT: Duration = Duration::from_secs(30);
+
+/// One call from `caller` through the PBX to `callee`; both must pass and
+/// the PBX must hold no call afterwards.
+fn call_through(caller: &str, callee: &str, extra: &str) -> Pbx {
+    let uas_port = free_port();
+    let pbx = Pbx::start(uas_port, extra);
+    let uas = Sipp::new(callee, uas_port)
+        .args(["-m", "1"])
+        .spawn(uas_port);
+    let uac = Sipp::new(caller, free_port())
+        .args(["-m", "1", "-s", "1002"])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    assert_sipp_ok(&uac, "caller");
+    assert_sipp_ok(&uas.finish(CALL_LIMIT), "callee");
+    assert_no_calls_left(&pbx);
+    pbx
+}
+
+fn assert_no_calls_left(pbx: &Pbx) {
+    wait_until(Duration::from_secs(10), "active calls back to 0", || {
+        pbx.active_calls() == 0
+    });
+}
+
+#[test]
+fn basic_call_over_udp() {
+    call_through("uac_basic.xml", "uas_answer.xml", "");
+}
+
+#[test]
+fn basic_call_over_tcp() {
+    let uas_port = free_port();
+    let pbx = Pbx::start(
+        uas_port,
+        &format!("routes:\n  - match: \"^(.+)$\"\n    target: \"sip:$1@127.0.0.1:{uas_port};transport=tcp\"\n"),
+    );
+    let uas = Sipp::new("uas_answer.xml", uas_port)
+        .args(["-m", "1", "-t", "t1"])
+        .spawn_tcp(uas_port);
+    let uac = Sipp::new("uac_basic.xml", free_port())
+        .args(["-m", "1", "-s", "1002", "-t", "t1"])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    assert_sipp_ok(&uac, "caller over TCP");
+    assert_sipp_ok(&uas.finish(CALL_LIMIT), "callee over TCP");
+    assert_no_calls_left(&pbx);
+}
+
+#[test]
+fn callee_hangs_up() {
+    call_through("uac_callee_hangs_up.xml", "uas_hangs_up.xml", "");
+}
+
+#[test]
+fn caller_cancels_while_ringing() {
+    call_through("uac_cancel.xml", "uas_cancelled.xml", "");
+}
+
+#[test]
+fn busy_is_relayed() {
+    call_through("uac_expect_486.xml", "uas_busy.xml", "");
+}
+
+#[test]
+fn early_media_183_then_200() {
+    call_through("uac_early_media.xml", "uas_early_media.xml", "");
+}
+
+#[test]
+fn reliable_provisional_and_prack_end_to_end() {
+    call_through("uac_prack.xml", "uas_prack.xml", "");
+}
+
+#[test]
+fn update_before_and_after_answer() {
+    call_through("uac_update.xml", "uas_update.xml", "");
+}
+
+#[test]
+fn reinvite_is_relayed() {
+    call_through("uac_reinvite.xml", "uas_reinvite.xml", "");
+}
+
+#[test]
+fn info_is_relayed_with_its_body() {
+    call_through("uac_info.xml", "uas_info.xml", "");
+}
+
+#[test]
+fn callee_that_never_answers_gets_cancelled_and_caller_480() {
+    call_through(
+        "uac_expect_480.xml",
+        "uas_cancelled.xml",
+        &format!("sip:\n  listen_ip: 127.0.0.1\n  listen_port: {}\n  advertised_ip: 127.0.0.1\n  ring_timeout: 2\n", free_port()),
+    );
+}
+
+#[test]
+fn repeated_200_from_callee_is_acknowledged_again() {
+    call_through("uac_basic.xml", "uas_200_retransmit.xml", "");
+}
+
+#[test]
+fn options_to_the_pbx() {
+    let pbx = Pbx::start(free_port(), "");
+    let run = Sipp::new("options.xml", free_port())
+        .args(["-m", "1"])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    assert_sipp_ok(&run, "OPTIONS");
+}
+
+#[test]
+fn unknown_method_gets_501() {
+    let pbx = Pbx::start(free_port(), "");
+    let run = Sipp::new("unknown_method.xml", free_port())
+        .args(["-m", "1"])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    assert_sipp_ok(&run, "unknown method");
+}
+
+/// An INVITE from a raw client; returns it and the client.
+fn raw_invite(pbx: &Pbx, call_id: &str) -> SipClient {
+    let client = SipClient::new();
+    let me = client.addr();
+    let to = pbx.sip_addr();
+    let invite = format!(
+        "INVITE sip:1002@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{call_id};rport\r\nMax-Forwards: 70\r\nFrom: <sip:1001@{me}>;tag=raw1\r\nTo: <sip:1002@{to}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@{me}>\r\nContent-Length: 0\r\n\r\n"
+    );
+    client.send(invite.as_bytes(), to);
+    client
+}
+
+#[test]
+fn over_max_concurrent_calls_gets_503_with_retry_after() {
+    let uas_port = free_port();
+    let pbx = Pbx::start(
+        uas_port,
+        &format!("sip:\n  listen_ip: 127.0.0.1\n  listen_port: {}\n  advertised_ip: 127.0.0.1\n  max_concurrent_calls: 1\n  ring_timeout: 5\n", free_port()),
+    );
+    let uas = Sipp::new("uas_cancelled.xml", uas_port)
+        .args(["-m", "1"])
+        .spawn(uas_port);
+    let first = raw_invite(&pbx, "first-call");
+    let ringing = first.final_response(Duration::from_secs(5)).expect("180");
+    assert_eq!(status_code(&ringing.1), Some(180), "{}", ringing.1);
+
+    let client = raw_invite(&pbx, "second-call");
+    let (code, text) = client
+        .final_response(Duration::from_secs(5))
+        .expect("a final response");
+    assert_eq!(code, 503, "{text}");
+    assert!(header(&text, "Retry-After").is_some(), "{text}");
+
+    // The first call still rings until the ring timeout ends it.
+    let (code, _) = first.final_response(Duration::from_secs(10)).expect("480");
+    assert_eq!(code, 480);
+    assert_sipp_ok(&uas.finish(CALL_LIMIT), "callee");
+    assert_no_calls_left(&pbx);
+}
+
+#[test]
+fn load_5000_calls_at_200_per_second() {
+    let uas_port = free_port();
+    let pbx = Pbx::start(
+        uas_port,
+        "logging:\n  level: WARN\n  format: text\n  output: stdout\n",
+    );
+    let uas = Sipp::new("uas_answer.xml", uas_port)
+        .args(["-m", "5000"])
+        .spawn(uas_port);
+    let uac = Sipp::new("uac_basic.xml", free_port())
+        .args(["-m", "5000", "-r", "200", "-l", "1000", "-s", "1002"])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    assert_sipp_ok(&uac, "5000 callers");
+    assert_sipp_ok(&uas.finish(Duration::from_secs(60)), "5000 callees");
+    assert_no_calls_left(&pbx);
+}
