@@ -4,7 +4,14 @@
 //! `b2bua` (calls, legs, routing), which drives `media`; observers (CDR,
 //! webhooks, metrics, HTTP) follow calls through the `events` stream.
 
+pub mod cdr;
 pub mod config;
 pub mod events;
+pub mod http;
 pub mod media;
+pub mod metrics;
+pub mod observers;
 pub mod status;
+#[cfg(test)]
+mod test_support;
+pub mod webhook;
