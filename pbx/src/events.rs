@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 /// The parties of a call as the caller's INVITE named them.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CallParties {
     /// The A leg's Call-ID: the call's identity towards the caller.
     pub call_id: String,
@@ -43,7 +43,7 @@ pub enum EndReason {
 }
 
 /// Everything the CDR needs, known when the call has ended.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CallSummary {
     pub start_time: DateTime<Utc>,
     pub answer_time: Option<DateTime<Utc>>,

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::events::{Disposition, EndReason, Envelope, Event};
+use crate::events::{CallParties, CallSummary, Envelope, Event};
 
 pub use files::{apply_retention, pod_name, repair_torn_tail, CdrFiles};
 pub use writer::{spawn, CdrWriterOptions};
@@ -36,41 +36,25 @@ impl Clock for SystemClock {
     }
 }
 
-/// One line of a CDR file.
+/// One line of a CDR file: the call's parties and summary, side by side.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CdrRecord {
-    pub call_id: String,
-    pub caller: String,
-    pub callee: String,
-    pub start_time: DateTime<Utc>,
-    pub answer_time: Option<DateTime<Utc>>,
-    pub end_time: DateTime<Utc>,
-    pub duration: f64,
-    pub disposition: Disposition,
-    pub sip_code: u16,
-    pub end_reason: Option<EndReason>,
-    pub codec: Option<String>,
+    #[serde(flatten)]
+    pub call: CallParties,
+    #[serde(flatten)]
+    pub summary: CallSummary,
 }
 
 impl CdrRecord {
     /// The record of a `call.ended` event; other events make none.
     pub fn from_envelope(envelope: &Envelope) -> Option<Self> {
-        let Event::CallEnded { call, summary } = &envelope.event else {
-            return None;
-        };
-        Some(Self {
-            call_id: call.call_id.clone(),
-            caller: call.caller.clone(),
-            callee: call.callee.clone(),
-            start_time: summary.start_time,
-            answer_time: summary.answer_time,
-            end_time: summary.end_time,
-            duration: summary.duration,
-            disposition: summary.disposition,
-            sip_code: summary.sip_code,
-            end_reason: summary.end_reason,
-            codec: summary.codec.clone(),
-        })
+        match &envelope.event {
+            Event::CallEnded { call, summary } => Some(Self {
+                call: call.clone(),
+                summary: summary.clone(),
+            }),
+            _ => None,
+        }
     }
 }
 

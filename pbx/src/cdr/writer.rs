@@ -72,7 +72,7 @@ impl Writer {
             if self.pending.len() >= self.max_pending {
                 if let Some(lost) = self.pending.pop_front() {
                     if self.dropped == 0 {
-                        tracing::error!(limit = self.max_pending, call_id = %lost.call_id, "cdr: too many records held in memory; dropping the oldest");
+                        tracing::error!(limit = self.max_pending, call_id = %lost.call.call_id, "cdr: too many records held in memory; dropping the oldest");
                     }
                     self.dropped += 1;
                 }
@@ -90,12 +90,12 @@ impl Writer {
                     line
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, call_id = %record.call_id, "cdr: cannot encode record; skipping it");
+                    tracing::error!(error = %e, call_id = %record.call.call_id, "cdr: cannot encode record; skipping it");
                     self.pending.pop_front();
                     continue;
                 }
             };
-            let date = record.end_time.date_naive();
+            let date = record.summary.end_time.date_naive();
             if let Err(e) = self.append(date, &line) {
                 self.fail(&e);
                 return;

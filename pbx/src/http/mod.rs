@@ -225,6 +225,3 @@ async fn drain(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Respon
     }
     (StatusCode::ACCEPTED, Json(Stats::of(&state))).into_response()
 }
-
-#[cfg(test)]
-mod tests;

@@ -39,6 +39,18 @@ const KNOWN_METHODS: [&str; 14] = [
     "PUBLISH",
 ];
 
+/// The `kind` values of `sip_pbx_errors_total`, exported at zero from the
+/// start so that alerts on `rate()` work before the first error.
+pub const ERROR_KINDS: [&str; 7] = [
+    "sip_parse",
+    "transport",
+    "transaction_timeout",
+    "media",
+    "registrar",
+    "internal",
+    "webhook_spool",
+];
+
 /// Upper bounds of the call duration histogram, in seconds.
 const DURATION_BUCKETS: [f64; 12] = [
     1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
@@ -141,6 +153,23 @@ impl Metrics {
             )
             .expect("valid histogram"),
         );
+        let errors = counter_vec(&r, "sip_pbx_errors_total", "Errors by kind", "kind");
+        for kind in ERROR_KINDS {
+            errors.with_label_values(&[kind]);
+        }
+        let webhook_deliveries = counter_vec(
+            &r,
+            "sip_pbx_webhook_deliveries_total",
+            "Webhook delivery attempts, by result",
+            "result",
+        );
+        for result in [
+            DeliveryResult::Delivered,
+            DeliveryResult::Failed,
+            DeliveryResult::Rejected,
+        ] {
+            webhook_deliveries.with_label_values(&[result.label()]);
+        }
         let inner = Inner {
             active_calls: gauge(&r, "sip_pbx_active_calls", "Calls in progress"),
             total_calls: counter(&r, "sip_pbx_total_calls", "Calls started"),
@@ -150,7 +179,7 @@ impl Metrics {
                 "sip_pbx_media_packets_total",
                 "RTP/RTCP packets relayed",
             ),
-            errors: counter_vec(&r, "sip_pbx_errors_total", "Errors by kind", "kind"),
+            errors,
             sip_requests: counter_vec(
                 &r,
                 "sip_pbx_sip_requests_total",
@@ -176,12 +205,7 @@ impl Metrics {
                 "sip_pbx_rtp_ports_capacity",
                 "RTP relay ports in the pool",
             ),
-            webhook_deliveries: counter_vec(
-                &r,
-                "sip_pbx_webhook_deliveries_total",
-                "Webhook delivery attempts, by result",
-                "result",
-            ),
+            webhook_deliveries,
             cdr_write_errors: counter(
                 &r,
                 "sip_pbx_cdr_write_errors_total",
@@ -221,8 +245,8 @@ impl Metrics {
         self.inner.transactions.set(saturating_i64(count));
     }
 
-    /// An error worth alerting on; `kind` must come from a small fixed set
-    /// (e.g. "sip_parse", "transport", "media", "registrar").
+    /// An error worth alerting on; `kind` is one of [`ERROR_KINDS`] (another
+    /// fixed string works but starts at 1 rather than 0).
     pub fn error(&self, kind: &'static str) {
         self.inner.errors.with_label_values(&[kind]).inc();
     }
