@@ -115,20 +115,29 @@ pub fn json_error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-/// The fallback of every router: unknown paths get a JSON 404.
-pub async fn not_found() -> Response {
+async fn not_found() -> Response {
     json_error(StatusCode::NOT_FOUND, "not found")
 }
 
+async fn method_not_allowed() -> Response {
+    json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
+
+/// Unknown paths and methods get JSON errors too, on every server.
+pub fn with_json_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/api/stats", get(stats))
         .route("/api/cdr/recent", get(recent_cdrs))
-        .route("/api/drain", post(drain))
-        .fallback(not_found)
-        .with_state(Arc::new(state))
+        .route("/api/drain", post(drain));
+    with_json_fallbacks(routes).with_state(Arc::new(state))
 }
 
 async fn health(State(state): State<Arc<ApiState>>) -> Response {

@@ -317,9 +317,7 @@ impl Metrics {
 
     /// The router serving `GET /metrics`.
     pub fn router(&self) -> Router {
-        Router::new()
-            .route("/metrics", get(scrape))
-            .fallback(crate::http::not_found)
+        crate::http::with_json_fallbacks(Router::new().route("/metrics", get(scrape)))
             .with_state(self.clone())
     }
 }

@@ -212,6 +212,9 @@ async fn health_ready_stats_and_unknown_paths() {
     let (code, body) = pbx.get("/no/such/path").await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert!(body["error"].is_string());
+    let (code, body) = pbx.get("/api/drain").await;
+    assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(body["error"].is_string());
     let (code, _) = pbx.drain(Some("anything")).await;
     assert_eq!(code, StatusCode::FORBIDDEN, "no token configured");
     assert!(!pbx.status.draining());
