@@ -140,7 +140,7 @@ impl CdrFiles {
 
 /// Keeps a pod name usable in a file name and free of dots, so that the
 /// name can be split back into day, pod and extension.
-fn sanitize_pod(pod: &str) -> String {
+pub fn sanitize_pod(pod: &str) -> String {
     let clean: String = pod
         .chars()
         .map(|c| {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::{CallParties, CallSummary, Envelope, Event};
 
-pub use files::{apply_retention, pod_name, repair_torn_tail, CdrFiles};
+pub use files::{apply_retention, pod_name, repair_torn_tail, sanitize_pod, CdrFiles};
 pub use writer::{spawn, CdrWriterOptions};
 
 /// Where "now" comes from, so that rotation and retention can be tested

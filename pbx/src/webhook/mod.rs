@@ -48,9 +48,13 @@ pub enum WebhookError {
     Client(#[from] reqwest::Error),
 }
 
-/// Retry timing, apart from the configuration so tests can be quick.
+/// What the configuration does not say; retry timing is here so that tests
+/// can be quick.
 #[derive(Debug, Clone)]
 pub struct WebhookOptions {
+    /// Each pod spools under `spool_dir/<pod>/`, so that pods sharing a
+    /// volume never deliver (or overwrite) each other's events.
+    pub pod: String,
     /// Delay before the first retry; doubled for each next one.
     pub backoff_base: Duration,
     /// The longest delay between two attempts, and the pace of attempts
@@ -61,6 +65,7 @@ pub struct WebhookOptions {
 impl Default for WebhookOptions {
     fn default() -> Self {
         Self {
+            pod: crate::cdr::pod_name(),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(60),
         }
@@ -264,7 +269,7 @@ impl WebhookDispatcher {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(config.webhook_timeout.max(1)))
             .build()?;
-        let root = PathBuf::from(&config.spool_dir);
+        let root = PathBuf::from(&config.spool_dir).join(crate::cdr::sanitize_pod(&options.pod));
         let mut spools = Vec::new();
         let mut senders = Vec::new();
         let mut workers = Vec::new();

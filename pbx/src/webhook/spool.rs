@@ -36,8 +36,11 @@ impl Spool {
         let key = hex::encode(Sha256::digest(url.as_bytes()));
         let dir = root.join(&key[..16]);
         fs::create_dir_all(&dir)?;
-        // Lets a person find which receiver a directory belongs to.
-        fs::write(dir.join("endpoint.url"), url)?;
+        // Lets a person find which receiver a directory belongs to; only
+        // informative, so a full disk must not stop start-up over it.
+        if let Err(e) = fs::write(dir.join("endpoint.url"), url) {
+            tracing::warn!(dir = %dir.display(), error = %e, "webhook: cannot label the spool directory");
+        }
         let mut found = Vec::new();
         for entry in fs::read_dir(&dir)?.flatten() {
             let name = entry.file_name();

@@ -83,6 +83,7 @@ fn start(urls: &[String], spool: &Path) -> Running {
         spool_dir: spool.display().to_string(),
     };
     let options = WebhookOptions {
+        pod: "pbx-0".into(),
         backoff_base: Duration::from_millis(20),
         backoff_cap: Duration::from_millis(100),
     };
@@ -151,7 +152,7 @@ fn call_types(call_id: &str) -> Vec<String> {
 }
 
 fn spooled(spool: &Path) -> usize {
-    std::fs::read_dir(spool)
+    std::fs::read_dir(spool.join("pbx-0"))
         .into_iter()
         .flatten()
         .flatten()
