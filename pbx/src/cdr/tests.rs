@@ -307,3 +307,31 @@ async fn records_published_before_shutdown_are_written() {
     let text = std::fs::read_to_string(file_of(dir.path(), now.date_naive())).expect("file");
     assert_eq!(text.lines().count(), 20);
 }
+
+#[tokio::test]
+async fn held_records_are_bounded_keeping_the_newest() {
+    let dir = TempDir::new("cdr-bound");
+    let blocker = dir.path().join("volume");
+    std::fs::write(&blocker, "not a directory").expect("seed");
+    let cdr_dir = blocker.join("cdr");
+    let now = utc(2026, 11, 26, 9, 0, 0);
+    let running = start(&cdr_dir, Arc::new(FixedClock::at(now)));
+    for i in 0..150 {
+        running.bus.publish(busy(&format!("c{i}"), now));
+    }
+    let recent = running.recent.clone();
+    eventually("all 150 records received", 5, || {
+        let newest = recent.latest(1);
+        async move { (ids(&newest) == ["c149"]).then_some(()) }
+    })
+    .await;
+    std::fs::remove_file(&blocker).expect("unblock");
+    let records = records_in(&file_of(&cdr_dir, now.date_naive()), 100).await;
+    assert_eq!(
+        ids(&records[..1]),
+        ["c50"],
+        "the oldest 50 went over the bound"
+    );
+    assert_eq!(ids(&records[99..]), ["c149"]);
+    running.stop().await;
+}

@@ -135,10 +135,16 @@ impl Writer {
                 self.open_file(date)?
             }
         };
-        // On error the file is closed here; reopening repairs whatever part
-        // of the line reached it.
-        file.write_all(line)
-            .map_err(CdrError::io(self.files.path_for(date)))?;
+        if let Err(e) = file.write_all(line) {
+            // Earlier records of this file still deserve their fsync; the
+            // file is then closed, and reopening it repairs whatever part of
+            // this line reached it.
+            if self.dirty {
+                let _ = file.sync_data();
+                self.dirty = false;
+            }
+            return Err(CdrError::io(self.files.path_for(date))(e));
+        }
         self.open = Some((date, file));
         self.dirty = true;
         Ok(())
