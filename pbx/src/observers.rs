@@ -1,6 +1,25 @@
 //! Starting and stopping the observers of the call-event stream (CDR
 //! writer, webhook dispatcher, call metrics) and the two HTTP servers
 //! (API and `/metrics`): the one entry point `main` calls.
+//!
+//! ```no_run
+//! # async fn wiring(config: sip_pbx::config::Config) -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use sip_pbx::{events::EventBus, observers, status::PbxStatus};
+//!
+//! let status = Arc::new(PbxStatus::default());
+//! let mut bus = EventBus::default();
+//! let (stop, shutdown) = tokio::sync::watch::channel(false);
+//! // Before the bus is cloned into the core: clones made earlier would not
+//! // reach the observers.
+//! let observers = observers::start(&config, &mut bus, Arc::clone(&status), shutdown).await?;
+//! let metrics = observers.metrics.clone(); // for the core and the media relay
+//! // ... run the core with bus.clone(), status and metrics until it exits,
+//! // having published the events (and so the CDRs) of the calls it ended ...
+//! stop.send_replace(true);
+//! observers.join().await; // CDRs fsynced, pending webhook events spooled
+//! # Ok(()) }
+//! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
