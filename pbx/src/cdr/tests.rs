@@ -88,6 +88,15 @@ async fn records_in(path: &Path, count: usize) -> Vec<CdrRecord> {
     .await
 }
 
+/// A CDR directory that cannot be created until the returned file (where
+/// its parent should be) is removed; a permission would not stop root.
+fn blocked(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
+    let blocker = dir.path().join("volume");
+    std::fs::write(&blocker, "not a directory").expect("seed");
+    let cdr_dir = blocker.join("cdr");
+    (blocker, cdr_dir)
+}
+
 fn ids(records: &[CdrRecord]) -> Vec<&str> {
     records.iter().map(|r| r.call.call_id.as_str()).collect()
 }
@@ -274,10 +283,7 @@ async fn a_torn_last_line_is_repaired_on_start() {
 #[tokio::test]
 async fn an_unwritable_directory_is_counted_and_records_are_retried() {
     let dir = TempDir::new("cdr-unwritable");
-    // A file where the directory should be: fails even for root.
-    let blocker = dir.path().join("volume");
-    std::fs::write(&blocker, "not a directory").expect("seed");
-    let cdr_dir = blocker.join("cdr");
+    let (blocker, cdr_dir) = blocked(&dir);
     let now = utc(2026, 11, 26, 9, 0, 0);
     let running = start(&cdr_dir, Arc::new(FixedClock::at(now)));
     running.bus.publish(answered("held", now, 7));
@@ -311,9 +317,7 @@ async fn records_published_before_shutdown_are_written() {
 #[tokio::test]
 async fn held_records_are_bounded_keeping_the_newest() {
     let dir = TempDir::new("cdr-bound");
-    let blocker = dir.path().join("volume");
-    std::fs::write(&blocker, "not a directory").expect("seed");
-    let cdr_dir = blocker.join("cdr");
+    let (blocker, cdr_dir) = blocked(&dir);
     let now = utc(2026, 11, 26, 9, 0, 0);
     let running = start(&cdr_dir, Arc::new(FixedClock::at(now)));
     for i in 0..150 {
