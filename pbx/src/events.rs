@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 /// The parties of a call as the caller's INVITE named them.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CallParties {
     /// The A leg's Call-ID: the call's identity towards the caller.
     pub call_id: String,
@@ -20,7 +20,7 @@ pub struct CallParties {
 }
 
 /// How a call ended, for billing.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Disposition {
     Answered,
@@ -32,7 +32,7 @@ pub enum Disposition {
 }
 
 /// Why an answered call ended.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
     CallerBye,
@@ -43,7 +43,7 @@ pub enum EndReason {
 }
 
 /// Everything the CDR needs, known when the call has ended.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CallSummary {
     pub start_time: DateTime<Utc>,
     pub answer_time: Option<DateTime<Utc>>,

@@ -6,10 +6,17 @@
 //! `server` wires the signalling core together.
 
 pub mod b2bua;
+pub mod cdr;
 pub mod config;
 pub mod events;
+pub mod http;
 pub mod logging;
 pub mod media;
+pub mod metrics;
+pub mod observers;
 pub mod server;
 pub mod sip;
 pub mod status;
+#[cfg(test)]
+mod test_support;
+pub mod webhook;

@@ -11,6 +11,7 @@ use sip_pbx::config::{Config, MediaMode, LOG_LEVELS};
 use sip_pbx::events::EventBus;
 use sip_pbx::logging::{self, TrafficLog};
 use sip_pbx::media::DirectMedia;
+use sip_pbx::observers;
 use sip_pbx::server::{self, CoreParts};
 use sip_pbx::status::PbxStatus;
 
@@ -93,7 +94,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "" => None,
         dir => Some(TrafficLog::open(dir.as_ref())?),
     };
-    let bus = EventBus::default();
+    let mut bus = EventBus::default();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let observers = observers::start(&config, &mut bus, Arc::clone(&status), shutdown)
+        .await
+        .context("observers")?;
     let (_media_tx, media_events) = tokio::sync::mpsc::unbounded_channel();
     if config.media.mode == MediaMode::Bypass {
         tracing::warn!(
@@ -101,17 +106,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     spawn_signal_drain(Arc::clone(&status));
-    server::run(CoreParts {
+    let core = server::run(CoreParts {
         config,
         media: Box::new(DirectMedia::default()),
         media_events,
         locator: Arc::new(NoRegistrations),
         bus,
         status,
+        metrics: observers.metrics.clone(),
         traffic,
     })
     .await
-    .context("signalling core")
+    .context("signalling core");
+    stop.send_replace(true);
+    observers.join().await;
+    core
 }
 
 /// SIGTERM (Kubernetes, preStop) and SIGINT (a terminal) start a drain.

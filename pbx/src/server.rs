@@ -15,8 +15,9 @@ use crate::b2bua::{B2bua, CallSettings};
 use crate::config::{Config, TransportMode};
 use crate::events::{EndReason, EventBus};
 use crate::media::{MediaEvent, SessionMedia};
+use crate::metrics::Metrics;
 use crate::sip::message::Message;
-use crate::sip::transaction::{LocalAddress, TimerValues, TransactionLayer};
+use crate::sip::transaction::{LocalAddress, TimerValues, TransactionLayer, TuEvent};
 use crate::sip::transport::{Inbound, Protocol, Transport, TransportError};
 use crate::sip::uri::Host;
 use crate::status::PbxStatus;
@@ -38,6 +39,7 @@ pub struct CoreParts {
     pub locator: Arc<dyn Locator>,
     pub bus: EventBus,
     pub status: Arc<PbxStatus>,
+    pub metrics: Metrics,
     pub traffic: Option<crate::logging::TrafficLog>,
 }
 
@@ -75,6 +77,7 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
         locator,
         bus,
         status,
+        metrics,
         traffic,
     } = parts;
     let listen_ip: IpAddr = config
@@ -142,6 +145,12 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
             got = inbound.recv() => {
                 let Some(Inbound { parsed, peer }) = got else { break };
                 let now = Instant::now();
+                if let Some(method) = parsed.message.method() {
+                    metrics.sip_request(method.as_str());
+                }
+                if parsed.defect.is_some() {
+                    metrics.error("sip_parse");
+                }
                 match (parsed.defect, parsed.message.is_request()) {
                     (None, true) => txl.on_request(parsed.message, peer, now),
                     (None, false) => txl.on_response(parsed.message, now),
@@ -186,6 +195,9 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
                 break;
             }
             for event in events {
+                if matches!(event, TuEvent::Timeout { .. }) {
+                    metrics.error("transaction_timeout");
+                }
                 b2bua.handle(event, &mut txl, now);
             }
         }
@@ -198,8 +210,12 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
             });
         }
         for out in txl.take_outbox() {
+            if let Some(code) = response_code(&out.data) {
+                metrics.sip_response(code);
+            }
             transport.send(out);
         }
+        metrics.set_transactions(txl.len());
         if drain_deadline.is_some() {
             let idle = b2bua.active_calls() == 0;
             if idle || exit_deadline.is_some_and(|d| d <= now) {
@@ -209,4 +225,10 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
         }
     }
     Ok(())
+}
+
+/// The status code of serialised response bytes, without parsing them.
+fn response_code(data: &[u8]) -> Option<u16> {
+    let code = data.strip_prefix(b"SIP/2.0 ")?.get(..3)?;
+    std::str::from_utf8(code).ok()?.parse().ok()
 }

@@ -70,7 +70,8 @@ pub struct Pbx {
 impl Pbx {
     /// Starts the PBX with the test defaults (loopback, direct media, routes
     /// of every user to `127.0.0.1:uas_port`) plus `extra` YAML top-level
-    /// sections, which replace the defaults' sections of the same name.
+    /// sections, which replace the defaults' sections of the same name;
+    /// `SIP_PORT` in them stands for the port the PBX listens on.
     pub fn start(uas_port: u16, extra: &str) -> Pbx {
         let sip_port = free_port();
         let http_port = free_port();
@@ -90,6 +91,7 @@ impl Pbx {
         .into_iter()
         .map(|(name, body)| (name.to_string(), body))
         .collect();
+        let extra = extra.replace("SIP_PORT", &sip_port.to_string());
         for block in extra.split("\n\n").filter(|b| !b.trim().is_empty()) {
             let name = block
                 .trim_start()

@@ -102,13 +102,71 @@ fn callee_that_never_answers_gets_cancelled_and_caller_480() {
     call_through(
         "uac_expect_480.xml",
         "uas_cancelled.xml",
-        &format!("sip:\n  listen_ip: 127.0.0.1\n  listen_port: {}\n  advertised_ip: 127.0.0.1\n  ring_timeout: 2\n", free_port()),
+        "sip:\n  listen_ip: 127.0.0.1\n  listen_port: SIP_PORT\n  advertised_ip: 127.0.0.1\n  ring_timeout: 2\n",
     );
+}
+
+/// A response to `request` (text) from a raw callee, with our tag.
+fn answer(request: &str, code: &str, me: std::net::SocketAddr) -> Vec<u8> {
+    let copy = |name: &str| format!("{name}: {}\r\n", header(request, name).unwrap_or_default());
+    let to = header(request, "To").unwrap_or_default();
+    let tag = if to.contains("tag=") {
+        String::new()
+    } else {
+        ";tag=callee".to_string()
+    };
+    format!(
+        "SIP/2.0 {code}\r\n{}{}To: {to}{tag}\r\n{}{}Contact: <sip:callee@{me}>\r\nContent-Length: 0\r\n\r\n",
+        copy("Via"),
+        copy("From"),
+        copy("Call-ID"),
+        copy("CSeq"),
+    )
+    .into_bytes()
+}
+
+/// Waits for the next request (skipping anything else) from the PBX.
+fn next_request(client: &SipClient, method: &str) -> String {
+    let text = client
+        .recv(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no {method} from the PBX"));
+    assert!(
+        text.starts_with(&format!("{method} ")),
+        "expected {method}, got:\n{text}"
+    );
+    text
 }
 
 #[test]
 fn repeated_200_from_callee_is_acknowledged_again() {
-    call_through("uac_basic.xml", "uas_200_retransmit.xml", "");
+    let callee = SipClient::new();
+    let me = callee.addr();
+    let pbx = Pbx::start(me.port(), "");
+    let caller = std::thread::spawn({
+        let target = pbx.sip_addr().to_string();
+        move || {
+            Sipp::new("uac_basic.xml", free_port())
+                .args(["-m", "1", "-s", "1002", &target])
+                .run()
+        }
+    });
+    let invite = next_request(&callee, "INVITE");
+    let ok = answer(&invite, "200 OK", me);
+    callee.send(&ok, pbx.sip_addr());
+    let first_ack = next_request(&callee, "ACK");
+    // As if the ACK had been lost: the callee repeats its 200.
+    callee.send(&ok, pbx.sip_addr());
+    let second_ack = next_request(&callee, "ACK");
+    assert_eq!(
+        header(&first_ack, "CSeq"),
+        header(&second_ack, "CSeq"),
+        "the same ACK again"
+    );
+    let bye = next_request(&callee, "BYE");
+    callee.send(&answer(&bye, "200 OK", me), pbx.sip_addr());
+    let run = caller.join().expect("caller thread");
+    assert_sipp_ok(&run, "caller");
+    assert_no_calls_left(&pbx);
 }
 
 #[test]
@@ -148,7 +206,7 @@ fn over_max_concurrent_calls_gets_503_with_retry_after() {
     let uas_port = free_port();
     let pbx = Pbx::start(
         uas_port,
-        &format!("sip:\n  listen_ip: 127.0.0.1\n  listen_port: {}\n  advertised_ip: 127.0.0.1\n  max_concurrent_calls: 1\n  ring_timeout: 5\n", free_port()),
+        "sip:\n  listen_ip: 127.0.0.1\n  listen_port: SIP_PORT\n  advertised_ip: 127.0.0.1\n  max_concurrent_calls: 1\n  ring_timeout: 5\n",
     );
     let uas = Sipp::new("uas_cancelled.xml", uas_port)
         .args(["-m", "1"])
