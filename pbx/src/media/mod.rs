@@ -3,6 +3,8 @@
 //! them through untouched; `bypass` (the relay) maps every stream onto the
 //! PBX's port pool.
 
+pub mod sdp;
+
 use bytes::Bytes;
 
 /// The caller's leg (A) or the callee's leg (B) of a call.
