@@ -3,7 +3,13 @@
 //! them through untouched; `bypass` (the relay) maps every stream onto the
 //! PBX's port pool.
 
+pub mod bypass;
+pub mod port_pool;
+pub mod relay;
 pub mod sdp;
+
+pub use bypass::RelayMedia;
+pub use relay::MediaCounters;
 
 use bytes::Bytes;
 

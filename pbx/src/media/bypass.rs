@@ -1,0 +1,259 @@
+//! `media.mode: bypass`: the `SessionMedia` the B2BUA uses when RTP flows
+//! through the PBX. It owns the calls' media bookkeeping on the signalling
+//! side (which m-line uses which ports, where each leg said to send, the
+//! settled codec) and drives the relay threads with quick, non-blocking
+//! commands.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::port_pool::PortPool;
+use super::relay::{Counters, MediaCounters, Relay, Remote};
+use super::sdp::{self, Action, Direction, Stream};
+use super::{LegSide, MediaError, MediaEvent, MediaSessionId, SdpRole, SessionMedia};
+use crate::config::MediaConfig;
+use crate::status::PbxStatus;
+
+/// The relay as the B2BUA sees it.
+#[derive(Debug)]
+pub struct RelayMedia {
+    codecs: Vec<String>,
+    advertised: IpAddr,
+    pool: Arc<PortPool>,
+    relay: Relay,
+    next: u64,
+    sessions: HashMap<MediaSessionId, Session>,
+}
+
+#[derive(Debug)]
+struct Session {
+    /// By m-line index; `None` where no ports were ever given.
+    streams: Vec<Option<StreamPorts>>,
+    codec: Option<String>,
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug)]
+struct StreamPorts {
+    /// The PBX's even port facing leg A and leg B.
+    ports: [u16; 2],
+    /// What each leg's SDP last said, to see when a leg moves.
+    remote: [Option<Remote>; 2],
+}
+
+fn leg_index(leg: LegSide) -> usize {
+    match leg {
+        LegSide::A => 0,
+        LegSide::B => 1,
+    }
+}
+
+/// Where a stream's SDP says to send its RTP and RTCP; `None` when it gives
+/// no usable address (a host name, or 0.0.0.0 for "do not send").
+fn remote_of(stream: &Stream) -> Option<Remote> {
+    let addr = stream.addr.filter(|a| !a.is_unspecified())?;
+    let (rtcp_port, rtcp_addr) = match stream.rtcp {
+        Some((port, addr)) => (port, addr),
+        None => (stream.port.checked_add(1)?, None),
+    };
+    Some(Remote {
+        rtp: SocketAddr::new(addr, stream.port),
+        rtcp: SocketAddr::new(rtcp_addr.unwrap_or(addr), rtcp_port),
+    })
+}
+
+impl RelayMedia {
+    /// One relay thread per core.
+    pub fn new(
+        config: &MediaConfig,
+        advertised: IpAddr,
+        status: Arc<PbxStatus>,
+        events: UnboundedSender<MediaEvent>,
+    ) -> io::Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_threads(config, advertised, status, events, threads)
+    }
+
+    pub fn with_threads(
+        config: &MediaConfig,
+        advertised: IpAddr,
+        status: Arc<PbxStatus>,
+        events: UnboundedSender<MediaEvent>,
+        threads: usize,
+    ) -> io::Result<Self> {
+        let pool = Arc::new(PortPool::new(config.port_pool, status));
+        let timeout = Duration::from_secs(config.rtp_timeout);
+        let relay = Relay::start(threads, pool.clone(), timeout, events)?;
+        Ok(Self {
+            codecs: config.codecs.clone(),
+            advertised,
+            pool,
+            relay,
+            next: 0,
+            sessions: HashMap::new(),
+        })
+    }
+
+    /// Packets relayed since start, for `sip_pbx_media_packets_total`.
+    pub fn packets_total(&self) -> Arc<AtomicU64> {
+        self.relay.packets()
+    }
+
+    /// Packets and bytes the call relayed so far.
+    pub fn counters(&self, session: MediaSessionId) -> Option<MediaCounters> {
+        self.sessions.get(&session).map(|s| s.counters.snapshot())
+    }
+
+    /// Binds both legs of a new stream and hands them to the relay.
+    fn add_stream(
+        &self,
+        session: MediaSessionId,
+        index: usize,
+        counters: &Arc<Counters>,
+    ) -> Result<StreamPorts, MediaError> {
+        let a = self.relay.bind_pair(&self.pool)?;
+        let b = match self.relay.bind_pair(&self.pool) {
+            Ok(b) => b,
+            Err(e) => {
+                let (port, sockets) = a;
+                drop(sockets);
+                self.pool.release(port);
+                return Err(e);
+            }
+        };
+        let ports = [a.0, b.0];
+        self.relay.add(session, index, [a, b], counters.clone());
+        Ok(StreamPorts {
+            ports,
+            remote: [None, None],
+        })
+    }
+
+    /// The port the other leg is to send this m-line to (`None`: refuse the
+    /// stream), registering where `from` wants media.
+    fn plan_stream(
+        &self,
+        session: &mut Session,
+        id: MediaSessionId,
+        index: usize,
+        stream: &Stream,
+        from: usize,
+        role: SdpRole,
+    ) -> Option<u16> {
+        if session.streams.len() <= index {
+            session.streams.resize_with(index + 1, || None);
+        }
+        let slot = session.streams.get_mut(index)?;
+        if slot.is_none() && role == SdpRole::Offer {
+            *slot = self.add_stream(id, index, &session.counters).ok();
+        }
+        let ports = slot.as_mut()?;
+        if let (Some(remote), Some(last)) = (
+            remote_of(stream).and_then(|r| {
+                Some(Remote {
+                    rtp: self.relay.socket_form(r.rtp)?,
+                    rtcp: self.relay.socket_form(r.rtcp)?,
+                })
+            }),
+            ports.remote.get_mut(from),
+        ) {
+            let relatch = last.is_some_and(|l| l != remote);
+            *last = Some(remote);
+            self.relay.set_remote(id, index, from, remote, relatch);
+        }
+        ports.ports.get(1 - from).copied()
+    }
+}
+
+impl SessionMedia for RelayMedia {
+    fn open(&mut self) -> Result<MediaSessionId, MediaError> {
+        self.next += 1;
+        let id = MediaSessionId(self.next);
+        let counters = Arc::new(Counters::default());
+        let first = self.add_stream(id, 0, &counters)?;
+        self.sessions.insert(
+            id,
+            Session {
+                streams: vec![Some(first)],
+                codec: None,
+                counters,
+            },
+        );
+        Ok(id)
+    }
+
+    fn relay_sdp(
+        &mut self,
+        id: MediaSessionId,
+        from: LegSide,
+        role: SdpRole,
+        sdp: Bytes,
+    ) -> Result<Bytes, MediaError> {
+        let description = sdp::parse(&sdp)?;
+        let mut session = self
+            .sessions
+            .remove(&id)
+            .ok_or_else(|| MediaError::BadSdp(format!("no media session {}", id.0)))?;
+        let from = leg_index(from);
+        let mut actions = Vec::with_capacity(description.streams.len());
+        let mut audio_offered = false;
+        let mut voice_kept = false;
+        for (index, stream) in description.streams.iter().enumerate() {
+            if stream.port == 0 {
+                actions.push(Action::Keep);
+                continue;
+            }
+            if !stream.relayable() {
+                actions.push(Action::Reject);
+                continue;
+            }
+            let mut formats = None;
+            if role == SdpRole::Offer && stream.is_audio() {
+                audio_offered = true;
+                let kept = stream.allowed_formats(&self.codecs);
+                if !stream.has_voice(&kept) {
+                    actions.push(Action::Reject);
+                    continue;
+                }
+                voice_kept = true;
+                formats = Some(kept);
+            }
+            actions.push(
+                match self.plan_stream(&mut session, id, index, stream, from, role) {
+                    Some(port) => Action::Relay { port, formats },
+                    None => Action::Reject,
+                },
+            );
+        }
+        let result = if audio_offered && !voice_kept {
+            Err(MediaError::NoCommonCodec)
+        } else {
+            sdp::rewrite(&sdp, self.advertised, &actions)
+        };
+        if result.is_ok() && role == SdpRole::Answer {
+            session.codec = description.codec();
+            let live: Vec<&Stream> = description.streams.iter().filter(|s| s.port != 0).collect();
+            let held = !live.is_empty() && live.iter().all(|s| s.direction != Direction::SendRecv);
+            self.relay.pause(id, held);
+        }
+        self.sessions.insert(id, session);
+        result.map(Bytes::from)
+    }
+
+    fn codec(&self, session: MediaSessionId) -> Option<String> {
+        self.sessions.get(&session).and_then(|s| s.codec.clone())
+    }
+
+    fn close(&mut self, session: MediaSessionId) {
+        if self.sessions.remove(&session).is_some() {
+            self.relay.remove(session);
+        }
+    }
+}

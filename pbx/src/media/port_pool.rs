@@ -1,0 +1,113 @@
+//! The relay's UDP port pool (`media.port_pool`): even RTP ports, each with
+//! the next odd port for RTCP (RFC 3550 §11), handed out and taken back by
+//! pair. It keeps `PbxStatus.ports_in_use`/`ports_capacity` current. Shared
+//! between the signalling side, which allocates, and the relay threads,
+//! which give ports back once their sockets are closed.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::config::PortRange;
+use crate::status::PbxStatus;
+
+#[derive(Debug)]
+pub struct PortPool {
+    /// Even ports of free pairs; released pairs go to the back so that a
+    /// port just closed is not reused at once (late packets of the old call).
+    free: Mutex<VecDeque<u16>>,
+    capacity: usize,
+    status: Arc<PbxStatus>,
+}
+
+impl PortPool {
+    /// Every even port `p` with `start <= p` and `p + 1 <= end`.
+    pub fn new(range: PortRange, status: Arc<PbxStatus>) -> Self {
+        let first = range.start.saturating_add(range.start % 2);
+        let free: VecDeque<u16> = (u32::from(first)..u32::from(range.end))
+            .step_by(2)
+            .filter_map(|p| u16::try_from(p).ok())
+            .collect();
+        let capacity = free.len();
+        status.ports_capacity.store(capacity * 2, Ordering::Relaxed);
+        Self {
+            free: Mutex::new(free),
+            capacity,
+            status,
+        }
+    }
+
+    /// Pairs the pool holds in all.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Pairs free now.
+    pub fn available(&self) -> usize {
+        self.free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// The even port of a free pair.
+    pub fn allocate(&self) -> Option<u16> {
+        let port = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()?;
+        self.status.ports_in_use.fetch_add(2, Ordering::Relaxed);
+        Some(port)
+    }
+
+    /// Gives a pair back.
+    pub fn release(&self, port: u16) {
+        self.free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(port);
+        self.status.ports_in_use.fetch_sub(2, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_even_and_fit_the_range() {
+        let status = Arc::new(PbxStatus::default());
+        let pool = PortPool::new(
+            PortRange {
+                start: 10001,
+                end: 10006,
+            },
+            status.clone(),
+        );
+        assert_eq!(pool.capacity(), 2);
+        assert_eq!(status.ports_capacity.load(Ordering::Relaxed), 4);
+        assert_eq!(pool.allocate(), Some(10002));
+        assert_eq!(pool.allocate(), Some(10004));
+        assert_eq!(pool.allocate(), None);
+        assert_eq!(status.ports_in_use.load(Ordering::Relaxed), 4);
+        pool.release(10002);
+        assert_eq!(status.ports_in_use.load(Ordering::Relaxed), 2);
+        assert_eq!(pool.available(), 1);
+        assert_eq!(pool.allocate(), Some(10002));
+    }
+
+    #[test]
+    fn top_of_the_port_space_does_not_overflow() {
+        let pool = PortPool::new(
+            PortRange {
+                start: 65532,
+                end: 65535,
+            },
+            Arc::new(PbxStatus::default()),
+        );
+        assert_eq!(pool.capacity(), 2);
+        assert_eq!(pool.allocate(), Some(65532));
+        assert_eq!(pool.allocate(), Some(65534));
+    }
+}
