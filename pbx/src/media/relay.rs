@@ -443,23 +443,22 @@ impl Thread {
             ready.clear();
             ready.extend(self.poll.wait(SWEEP_EVERY));
             let now = Instant::now();
-            let mut relayed = 0;
-            let mut woken = false;
-            for &token in &ready {
-                if token == WAKE_TOKEN {
-                    woken = true;
-                } else {
-                    relayed += self.relay(token, &mut buffer, now);
-                }
-            }
-            if relayed > 0 {
-                self.packets.fetch_add(relayed, Ordering::Relaxed);
-            }
-            if woken {
+            // Commands first, so that a packet arriving with the SDP that
+            // tells where it goes is not dropped. A token of a socket that a
+            // command just closed may now name a new stream's socket: the
+            // read then finds nothing, as the sockets are non-blocking.
+            if ready.contains(&WAKE_TOKEN) {
                 drain_eventfd(&self.wake);
                 if !self.commands() {
                     break;
                 }
+            }
+            let mut relayed = 0;
+            for &token in ready.iter().filter(|&&t| t != WAKE_TOKEN) {
+                relayed += self.relay(token, &mut buffer, now);
+            }
+            if relayed > 0 {
+                self.packets.fetch_add(relayed, Ordering::Relaxed);
             }
             if now >= next_sweep {
                 self.sweep(now);

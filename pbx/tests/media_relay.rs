@@ -1,0 +1,341 @@
+//! The bypass relay over real loopback sockets: UDP sockets play the two
+//! phones of a call and talk through the PBX's ports.
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sip_pbx::config::{MediaConfig, PortRange};
+use sip_pbx::media::{
+    sdp, LegSide, MediaError, MediaEvent, MediaSessionId, RelayMedia, SdpRole, SessionMedia,
+};
+use sip_pbx::status::PbxStatus;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+const WAIT: Duration = Duration::from_secs(3);
+
+struct Pbx {
+    media: RelayMedia,
+    events: UnboundedReceiver<MediaEvent>,
+    status: Arc<PbxStatus>,
+    ip: IpAddr,
+}
+
+/// Each test takes its own pool range, below the ephemeral ports the phones get.
+fn pbx(start: u16, end: u16, rtp_timeout: u64, ip: &str) -> Pbx {
+    let config = MediaConfig {
+        port_pool: PortRange { start, end },
+        rtp_timeout,
+        ..MediaConfig::default()
+    };
+    let status = Arc::new(PbxStatus::default());
+    let (tx, events) = unbounded_channel();
+    let ip: IpAddr = ip.parse().expect("test address");
+    let media = RelayMedia::with_threads(&config, ip, status.clone(), tx, 2).expect("relay");
+    Pbx {
+        media,
+        events,
+        status,
+        ip,
+    }
+}
+
+/// A phone's RTP and RTCP sockets.
+struct Phone {
+    rtp: UdpSocket,
+    rtcp: UdpSocket,
+}
+
+fn phone(ip: IpAddr) -> Phone {
+    let bind = || {
+        let s = UdpSocket::bind(SocketAddr::new(ip, 0)).expect("bind phone");
+        s.set_read_timeout(Some(WAIT)).expect("timeout");
+        s
+    };
+    Phone {
+        rtp: bind(),
+        rtcp: bind(),
+    }
+}
+
+impl Phone {
+    fn port(&self) -> u16 {
+        self.rtp.local_addr().expect("addr").port()
+    }
+
+    fn sdp(&self, extra: &str) -> Bytes {
+        let ip = self.rtp.local_addr().expect("addr").ip();
+        let kind = if ip.is_ipv4() { "IP4" } else { "IP6" };
+        let rtcp = self.rtcp.local_addr().expect("addr").port();
+        Bytes::from(format!(
+            "v=0\r\no=- 1 1 IN {kind} {ip}\r\ns=-\r\nc=IN {kind} {ip}\r\nt=0 0\r\n\
+             m=audio {} RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n\
+             a=rtcp:{rtcp}\r\n{extra}",
+            self.port()
+        ))
+    }
+}
+
+/// The audio port an SDP body the PBX produced tells the receiver to use.
+fn audio_port(body: &[u8]) -> u16 {
+    sdp::parse(body).expect("PBX SDP parses").streams[0].port
+}
+
+/// Runs offer (from A) and answer (from B); returns the PBX ports facing A and B.
+fn connect(pbx: &mut Pbx, id: MediaSessionId, a: &Phone, b: &Phone) -> (u16, u16) {
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(""))
+        .expect("offer");
+    let answer = pbx
+        .media
+        .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(""))
+        .expect("answer");
+    (audio_port(&answer), audio_port(&offer))
+}
+
+fn send(socket: &UdpSocket, ip: IpAddr, port: u16, payload: &[u8]) {
+    socket
+        .send_to(payload, SocketAddr::new(ip, port))
+        .expect("send");
+}
+
+fn receive(socket: &UdpSocket) -> Vec<u8> {
+    let mut buffer = [0u8; 2048];
+    let (n, _) = socket.recv_from(&mut buffer).expect("packet within WAIT");
+    buffer[..n].to_vec()
+}
+
+fn rtp(seq: u16, size: usize) -> Vec<u8> {
+    let mut packet = vec![0x80, 0x00];
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend((0..size).map(|i| (i % 251) as u8));
+    packet
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn rtp_and_rtcp_flow_both_ways_with_payloads_intact() {
+    let mut pbx = pbx(25000, 25099, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, b) = (phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let (to_a, to_b) = connect(&mut pbx, id, &a, &b);
+    assert_eq!(to_a % 2, 0);
+    assert_eq!(to_b % 2, 0);
+    for seq in 0..50 {
+        let forth = rtp(seq, 160);
+        send(&a.rtp, ip, to_a, &forth);
+        assert_eq!(receive(&b.rtp), forth);
+        let back = rtp(seq + 1000, 172);
+        send(&b.rtp, ip, to_b, &back);
+        assert_eq!(receive(&a.rtp), back);
+    }
+    send(&a.rtcp, ip, to_a + 1, b"rtcp from a");
+    assert_eq!(receive(&b.rtcp), b"rtcp from a");
+    send(&b.rtcp, ip, to_b + 1, b"rtcp from b");
+    assert_eq!(receive(&a.rtcp), b"rtcp from b");
+
+    // The relay counts a packet once it is sent, so just after it arrives.
+    wait_until("the session counters", || {
+        pbx.media.counters(id).expect("session").b_to_a_packets == 51
+    });
+    let counters = pbx.media.counters(id).expect("session");
+    assert_eq!(counters.a_to_b_packets, 51);
+    assert_eq!(counters.a_to_b_bytes, 50 * 164 + 11);
+    assert_eq!(counters.dropped, 0);
+    let total = pbx.media.packets_total();
+    wait_until("the global counter", || {
+        total.load(Ordering::Relaxed) == 102
+    });
+    assert_eq!(pbx.media.codec(id).as_deref(), Some("PCMU"));
+    pbx.media.close(id);
+}
+
+#[test]
+fn a_re_offer_moving_the_far_end_keeps_ports_and_follows_it() {
+    let mut pbx = pbx(25100, 25199, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, b) = (phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let (to_a, to_b) = connect(&mut pbx, id, &a, &b);
+    send(&b.rtp, ip, to_b, b"latch b");
+    assert_eq!(receive(&a.rtp), b"latch b");
+
+    let moved = phone(ip);
+    let reoffer = pbx
+        .media
+        .relay_sdp(id, LegSide::B, SdpRole::Offer, moved.sdp("a=sendonly\r\n"))
+        .expect("re-offer");
+    assert_eq!(audio_port(&reoffer), to_a, "same m-line, same port");
+    assert!(String::from_utf8_lossy(&reoffer).contains("a=sendonly\r\n"));
+    let reanswer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Answer, a.sdp("a=recvonly\r\n"))
+        .expect("re-answer");
+    assert_eq!(audio_port(&reanswer), to_b);
+
+    send(&a.rtp, ip, to_a, b"to the new port");
+    assert_eq!(receive(&moved.rtp), b"to the new port");
+    send(&moved.rtp, ip, to_b, b"from the new port");
+    assert_eq!(receive(&a.rtp), b"from the new port");
+    send(&b.rtp, ip, to_b, b"old address, now a stranger");
+    send(&moved.rtp, ip, to_b, b"still the new port");
+    assert_eq!(receive(&a.rtp), b"still the new port");
+    pbx.media.close(id);
+}
+
+#[test]
+fn packets_from_a_stranger_after_latching_are_dropped() {
+    let mut pbx = pbx(25200, 25299, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, b, stranger) = (phone(ip), phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let (to_a, _) = connect(&mut pbx, id, &a, &b);
+    send(&a.rtp, ip, to_a, b"first");
+    assert_eq!(receive(&b.rtp), b"first");
+    send(&stranger.rtp, ip, to_a, b"injected");
+    send(&a.rtp, ip, to_a, b"second");
+    assert_eq!(receive(&b.rtp), b"second");
+    wait_until("the session counters", || {
+        pbx.media.counters(id).expect("session").a_to_b_packets == 2
+    });
+    assert_eq!(pbx.media.counters(id).expect("session").dropped, 1);
+    pbx.media.close(id);
+}
+
+#[test]
+fn an_exhausted_pool_refuses_calls_until_one_ends() {
+    // Four pairs: two calls of two legs each.
+    let mut pbx = pbx(25300, 25307, 60, "127.0.0.1");
+    assert_eq!(pbx.status.ports_capacity.load(Ordering::Relaxed), 8);
+    let first = pbx.media.open().expect("first call");
+    let _second = pbx.media.open().expect("second call");
+    assert_eq!(pbx.status.ports_in_use.load(Ordering::Relaxed), 8);
+    assert_eq!(pbx.media.open(), Err(MediaError::PoolExhausted));
+    assert_eq!(pbx.status.ports_in_use.load(Ordering::Relaxed), 8);
+    pbx.media.close(first);
+    let status = pbx.status.clone();
+    wait_until("ports back", || {
+        status.ports_in_use.load(Ordering::Relaxed) == 4
+    });
+    pbx.media.open().expect("a call after one ended");
+}
+
+#[test]
+fn silence_past_rtp_timeout_is_reported_and_close_frees_ports() {
+    let mut pbx = pbx(25400, 25499, 1, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, b) = (phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let ringing = pbx.media.open().expect("a call still ringing");
+    connect(&mut pbx, id, &a, &b);
+    let started = Instant::now();
+    let event = loop {
+        match pbx.events.try_recv() {
+            Ok(event) => break event,
+            Err(_) => {
+                assert!(started.elapsed() < WAIT, "no RtpTimeout");
+                std::thread::yield_now();
+            }
+        }
+    };
+    assert_eq!(event, MediaEvent::RtpTimeout(id));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    pbx.media.close(id);
+    pbx.media.close(ringing);
+    let status = pbx.status.clone();
+    wait_until("ports back", || {
+        status.ports_in_use.load(Ordering::Relaxed) == 0
+    });
+    assert!(
+        pbx.events.try_recv().is_err(),
+        "one event, for the answered call"
+    );
+}
+
+#[test]
+fn offers_without_an_allowed_codec_are_refused() {
+    let mut pbx = pbx(25500, 25599, 60, "127.0.0.1");
+    let id = pbx.media.open().expect("open");
+    let g729 = Bytes::from_static(
+        b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 18 101\r\na=rtpmap:101 telephone-event/8000\r\n",
+    );
+    assert_eq!(
+        pbx.media.relay_sdp(id, LegSide::A, SdpRole::Offer, g729),
+        Err(MediaError::NoCommonCodec)
+    );
+    let garbage = Bytes::from_static(b"\xff\xfe not sdp");
+    assert!(matches!(
+        pbx.media.relay_sdp(id, LegSide::A, SdpRole::Offer, garbage),
+        Err(MediaError::BadSdp(_))
+    ));
+    pbx.media.close(id);
+}
+
+#[test]
+fn ipv6_phones_are_relayed() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    }
+    let mut pbx = pbx(25600, 25699, 60, "::1");
+    let ip = pbx.ip;
+    let (a, b) = (phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(""))
+        .expect("offer");
+    assert!(String::from_utf8_lossy(&offer).contains("c=IN IP6 ::1\r\n"));
+    let answer = pbx
+        .media
+        .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(""))
+        .expect("answer");
+    let (to_a, to_b) = (audio_port(&answer), audio_port(&offer));
+    send(&a.rtp, ip, to_a, b"over ipv6");
+    assert_eq!(receive(&b.rtp), b"over ipv6");
+    send(&b.rtp, ip, to_b, b"and back");
+    assert_eq!(receive(&a.rtp), b"and back");
+    pbx.media.close(id);
+}
+
+#[test]
+fn unreadable_packets_and_unknown_sessions_do_not_disturb_the_relay() {
+    let mut pbx = pbx(25700, 25799, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, b) = (phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let (to_a, _) = connect(&mut pbx, id, &a, &b);
+    send(&a.rtp, ip, to_a, b"");
+    assert_eq!(receive(&b.rtp), b"");
+    let big = vec![7u8; 9000];
+    send(&a.rtp, ip, to_a, &big);
+    assert_eq!(receive_big(&b.rtp), big);
+    let unknown = MediaSessionId(999_999);
+    assert!(pbx
+        .media
+        .relay_sdp(unknown, LegSide::A, SdpRole::Offer, a.sdp(""))
+        .is_err());
+    pbx.media.close(unknown);
+    pbx.media.close(id);
+}
+
+fn receive_big(socket: &UdpSocket) -> Vec<u8> {
+    let mut buffer = vec![0u8; 65536];
+    match socket.recv_from(&mut buffer) {
+        Ok((n, _)) => buffer[..n].to_vec(),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => panic!("nothing within WAIT"),
+        Err(e) => panic!("{e}"),
+    }
+}
