@@ -1,7 +1,6 @@
 //! The bypass relay over real loopback sockets: UDP sockets play the two
 //! phones of a call and talk through the PBX's ports.
 
-use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -84,8 +83,24 @@ fn audio_port(body: &[u8]) -> u16 {
     sdp::parse(body).expect("PBX SDP parses").streams[0].port
 }
 
-/// Runs offer (from A) and answer (from B); returns the PBX ports facing A and B.
-fn connect(pbx: &mut Pbx, id: MediaSessionId, a: &Phone, b: &Phone) -> (u16, u16) {
+/// An answered call: phones A and B, the SDP offer B got, and the PBX
+/// ports facing A and B.
+struct Call {
+    pbx: Pbx,
+    ip: IpAddr,
+    a: Phone,
+    b: Phone,
+    id: MediaSessionId,
+    offer: Bytes,
+    to_a: u16,
+    to_b: u16,
+}
+
+fn call(start: u16, end: u16, rtp_timeout: u64, ip: &str) -> Call {
+    let mut pbx = pbx(start, end, rtp_timeout, ip);
+    let ip = pbx.ip;
+    let (a, b) = (phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
     let offer = pbx
         .media
         .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(""))
@@ -94,7 +109,17 @@ fn connect(pbx: &mut Pbx, id: MediaSessionId, a: &Phone, b: &Phone) -> (u16, u16
         .media
         .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(""))
         .expect("answer");
-    (audio_port(&answer), audio_port(&offer))
+    let (to_a, to_b) = (audio_port(&answer), audio_port(&offer));
+    Call {
+        pbx,
+        ip,
+        a,
+        b,
+        id,
+        offer,
+        to_a,
+        to_b,
+    }
 }
 
 fn send(socket: &UdpSocket, ip: IpAddr, port: u16, payload: &[u8]) {
@@ -104,9 +129,10 @@ fn send(socket: &UdpSocket, ip: IpAddr, port: u16, payload: &[u8]) {
 }
 
 fn receive(socket: &UdpSocket) -> Vec<u8> {
-    let mut buffer = [0u8; 2048];
+    let mut buffer = vec![0u8; 65536];
     let (n, _) = socket.recv_from(&mut buffer).expect("packet within WAIT");
-    buffer[..n].to_vec()
+    buffer.truncate(n);
+    buffer
 }
 
 fn rtp(seq: u16, size: usize) -> Vec<u8> {
@@ -126,11 +152,16 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn rtp_and_rtcp_flow_both_ways_with_payloads_intact() {
-    let mut pbx = pbx(25000, 25099, 60, "127.0.0.1");
-    let ip = pbx.ip;
-    let (a, b) = (phone(ip), phone(ip));
-    let id = pbx.media.open().expect("open");
-    let (to_a, to_b) = connect(&mut pbx, id, &a, &b);
+    let Call {
+        mut pbx,
+        ip,
+        a,
+        b,
+        id,
+        to_a,
+        to_b,
+        ..
+    } = call(25000, 25099, 60, "127.0.0.1");
     assert_eq!(to_a % 2, 0);
     assert_eq!(to_b % 2, 0);
     for seq in 0..50 {
@@ -164,11 +195,16 @@ fn rtp_and_rtcp_flow_both_ways_with_payloads_intact() {
 
 #[test]
 fn a_re_offer_moving_the_far_end_keeps_ports_and_follows_it() {
-    let mut pbx = pbx(25100, 25199, 60, "127.0.0.1");
-    let ip = pbx.ip;
-    let (a, b) = (phone(ip), phone(ip));
-    let id = pbx.media.open().expect("open");
-    let (to_a, to_b) = connect(&mut pbx, id, &a, &b);
+    let Call {
+        mut pbx,
+        ip,
+        a,
+        b,
+        id,
+        to_a,
+        to_b,
+        ..
+    } = call(25100, 25199, 60, "127.0.0.1");
     send(&b.rtp, ip, to_b, b"latch b");
     assert_eq!(receive(&a.rtp), b"latch b");
 
@@ -197,11 +233,16 @@ fn a_re_offer_moving_the_far_end_keeps_ports_and_follows_it() {
 
 #[test]
 fn packets_from_a_stranger_after_latching_are_dropped() {
-    let mut pbx = pbx(25200, 25299, 60, "127.0.0.1");
-    let ip = pbx.ip;
-    let (a, b, stranger) = (phone(ip), phone(ip), phone(ip));
-    let id = pbx.media.open().expect("open");
-    let (to_a, _) = connect(&mut pbx, id, &a, &b);
+    let Call {
+        mut pbx,
+        ip,
+        a,
+        b,
+        id,
+        to_a,
+        ..
+    } = call(25200, 25299, 60, "127.0.0.1");
+    let stranger = phone(ip);
     send(&a.rtp, ip, to_a, b"first");
     assert_eq!(receive(&b.rtp), b"first");
     send(&stranger.rtp, ip, to_a, b"injected");
@@ -234,12 +275,8 @@ fn an_exhausted_pool_refuses_calls_until_one_ends() {
 
 #[test]
 fn silence_past_rtp_timeout_is_reported_and_close_frees_ports() {
-    let mut pbx = pbx(25400, 25499, 1, "127.0.0.1");
-    let ip = pbx.ip;
-    let (a, b) = (phone(ip), phone(ip));
-    let id = pbx.media.open().expect("open");
+    let Call { mut pbx, id, .. } = call(25400, 25499, 1, "127.0.0.1");
     let ringing = pbx.media.open().expect("a call still ringing");
-    connect(&mut pbx, id, &a, &b);
     let started = Instant::now();
     let event = loop {
         match pbx.events.try_recv() {
@@ -289,20 +326,17 @@ fn ipv6_phones_are_relayed() {
         eprintln!("no IPv6 loopback here; skipped");
         return;
     }
-    let mut pbx = pbx(25600, 25699, 60, "::1");
-    let ip = pbx.ip;
-    let (a, b) = (phone(ip), phone(ip));
-    let id = pbx.media.open().expect("open");
-    let offer = pbx
-        .media
-        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(""))
-        .expect("offer");
+    let Call {
+        mut pbx,
+        ip,
+        a,
+        b,
+        id,
+        offer,
+        to_a,
+        to_b,
+    } = call(25600, 25699, 60, "::1");
     assert!(String::from_utf8_lossy(&offer).contains("c=IN IP6 ::1\r\n"));
-    let answer = pbx
-        .media
-        .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(""))
-        .expect("answer");
-    let (to_a, to_b) = (audio_port(&answer), audio_port(&offer));
     send(&a.rtp, ip, to_a, b"over ipv6");
     assert_eq!(receive(&b.rtp), b"over ipv6");
     send(&b.rtp, ip, to_b, b"and back");
@@ -312,16 +346,20 @@ fn ipv6_phones_are_relayed() {
 
 #[test]
 fn unreadable_packets_and_unknown_sessions_do_not_disturb_the_relay() {
-    let mut pbx = pbx(25700, 25799, 60, "127.0.0.1");
-    let ip = pbx.ip;
-    let (a, b) = (phone(ip), phone(ip));
-    let id = pbx.media.open().expect("open");
-    let (to_a, _) = connect(&mut pbx, id, &a, &b);
+    let Call {
+        mut pbx,
+        ip,
+        a,
+        b,
+        id,
+        to_a,
+        ..
+    } = call(25700, 25799, 60, "127.0.0.1");
     send(&a.rtp, ip, to_a, b"");
     assert_eq!(receive(&b.rtp), b"");
     let big = vec![7u8; 9000];
     send(&a.rtp, ip, to_a, &big);
-    assert_eq!(receive_big(&b.rtp), big);
+    assert_eq!(receive(&b.rtp), big);
     let unknown = MediaSessionId(999_999);
     assert!(pbx
         .media
@@ -329,13 +367,4 @@ fn unreadable_packets_and_unknown_sessions_do_not_disturb_the_relay() {
         .is_err());
     pbx.media.close(unknown);
     pbx.media.close(id);
-}
-
-fn receive_big(socket: &UdpSocket) -> Vec<u8> {
-    let mut buffer = vec![0u8; 65536];
-    match socket.recv_from(&mut buffer) {
-        Ok((n, _)) => buffer[..n].to_vec(),
-        Err(e) if e.kind() == ErrorKind::WouldBlock => panic!("nothing within WAIT"),
-        Err(e) => panic!("{e}"),
-    }
 }
