@@ -368,3 +368,64 @@ fn unreadable_packets_and_unknown_sessions_do_not_disturb_the_relay() {
     pbx.media.close(unknown);
     pbx.media.close(id);
 }
+
+fn video_line(phone: &Phone) -> String {
+    format!(
+        "m=video {} RTP/AVP 99\r\na=rtpmap:99 H264/90000\r\n",
+        phone.port()
+    )
+}
+
+fn ports(body: &[u8]) -> Vec<u16> {
+    let description = sdp::parse(body).expect("PBX SDP parses");
+    description.streams.iter().map(|s| s.port).collect()
+}
+
+#[test]
+fn video_is_relayed_on_ports_of_its_own() {
+    let mut pbx = pbx(25800, 25899, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, b, video_a, video_b) = (phone(ip), phone(ip), phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&video_line(&video_a)))
+        .expect("offer");
+    let answer = pbx
+        .media
+        .relay_sdp(
+            id,
+            LegSide::B,
+            SdpRole::Answer,
+            b.sdp(&video_line(&video_b)),
+        )
+        .expect("answer");
+    let (offered, answered) = (ports(&offer), ports(&answer));
+    assert_eq!(offered.len(), 2);
+    assert!(offered[1] != 0 && offered[1] != offered[0]);
+    send(&video_a.rtp, ip, answered[1], b"frame from a");
+    assert_eq!(receive(&video_b.rtp), b"frame from a");
+    send(&video_b.rtp, ip, offered[1], b"frame from b");
+    assert_eq!(receive(&video_a.rtp), b"frame from b");
+    send(&a.rtp, ip, answered[0], b"voice");
+    assert_eq!(receive(&b.rtp), b"voice");
+    pbx.media.close(id);
+}
+
+#[test]
+fn video_is_refused_with_port_zero_when_the_pool_is_empty() {
+    // Two pairs: the audio of one call and nothing more.
+    let mut pbx = pbx(25900, 25903, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, video_a) = (phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&video_line(&video_a)))
+        .expect("offer");
+    let offered = ports(&offer);
+    assert!(offered[0] != 0);
+    assert_eq!(offered[1], 0);
+    assert!(String::from_utf8_lossy(&offer).contains("a=rtpmap:99 H264/90000\r\n"));
+    pbx.media.close(id);
+}
