@@ -12,7 +12,6 @@
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -157,7 +156,7 @@ fn run(calls: usize, seconds: u64, threads: usize) -> Result {
         });
         sessions.push(id);
     }
-    let packets = media.packets_total();
+    let stats = media.stats();
     let payload = [0x80u8; PACKET];
     let mut buffer = vec![0u8; 65536];
     let (mut sent, mut received) = (0u64, 0u64);
@@ -169,7 +168,7 @@ fn run(calls: usize, seconds: u64, threads: usize) -> Result {
     while start.elapsed() < warmup + Duration::from_secs(seconds) {
         if measured.is_none() && start.elapsed() >= warmup {
             cpu0 = thread_cpu("media-relay");
-            relayed0 = packets.load(Ordering::Relaxed);
+            relayed0 = stats.packets_total();
             measured = Some((Instant::now(), sent, received));
         }
         for (i, leg) in legs.iter().enumerate() {
@@ -187,7 +186,7 @@ fn run(calls: usize, seconds: u64, threads: usize) -> Result {
         }
     }
     let cpu = thread_cpu("media-relay") - cpu0;
-    let relayed = packets.load(Ordering::Relaxed) - relayed0;
+    let relayed = stats.packets_total() - relayed0;
     let (t0, sent0, received0) = measured.expect("ran past the warm-up");
     let elapsed = t0.elapsed();
     let deadline = Instant::now() + Duration::from_millis(500);

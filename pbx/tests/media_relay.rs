@@ -179,16 +179,19 @@ fn rtp_and_rtcp_flow_both_ways_with_payloads_intact() {
 
     // The relay counts a packet once it is sent, so just after it arrives.
     wait_until("the session counters", || {
-        pbx.media.counters(id).expect("session").b_to_a_packets == 51
+        pbx.media
+            .stats()
+            .counters(id)
+            .expect("session")
+            .b_to_a_packets
+            == 51
     });
-    let counters = pbx.media.counters(id).expect("session");
+    let counters = pbx.media.stats().counters(id).expect("session");
     assert_eq!(counters.a_to_b_packets, 51);
     assert_eq!(counters.a_to_b_bytes, 50 * 164 + 11);
     assert_eq!(counters.dropped, 0);
-    let total = pbx.media.packets_total();
-    wait_until("the global counter", || {
-        total.load(Ordering::Relaxed) == 102
-    });
+    let stats = pbx.media.stats();
+    wait_until("the global counter", || stats.packets_total() == 102);
     assert_eq!(pbx.media.codec(id).as_deref(), Some("PCMU"));
     pbx.media.close(id);
 }
@@ -249,9 +252,14 @@ fn packets_from_a_stranger_after_latching_are_dropped() {
     send(&a.rtp, ip, to_a, b"second");
     assert_eq!(receive(&b.rtp), b"second");
     wait_until("the session counters", || {
-        pbx.media.counters(id).expect("session").a_to_b_packets == 2
+        pbx.media
+            .stats()
+            .counters(id)
+            .expect("session")
+            .a_to_b_packets
+            == 2
     });
-    assert_eq!(pbx.media.counters(id).expect("session").dropped, 1);
+    assert_eq!(pbx.media.stats().counters(id).expect("session").dropped, 1);
     pbx.media.close(id);
 }
 

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +30,32 @@ pub struct RelayMedia {
     relay: Relay,
     next: u64,
     sessions: HashMap<MediaSessionId, Session>,
+    stats: MediaStats,
+}
+
+/// The relay's figures, readable from anywhere (metrics, HTTP, CDR) while
+/// the B2BUA owns the `RelayMedia`.
+#[derive(Debug, Clone)]
+pub struct MediaStats {
+    packets: Arc<AtomicU64>,
+    sessions: Arc<Mutex<HashMap<MediaSessionId, Arc<Counters>>>>,
+}
+
+impl MediaStats {
+    /// Packets relayed since start, for `sip_pbx_media_packets_total`.
+    pub fn packets_total(&self) -> u64 {
+        self.packets.load(Ordering::Relaxed)
+    }
+
+    /// Packets and bytes a call relayed so far; `None` once it is closed,
+    /// so read it for the CDR before `close`.
+    pub fn counters(&self, session: MediaSessionId) -> Option<MediaCounters> {
+        self.sessions().get(&session).map(|c| c.snapshot())
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<MediaSessionId, Arc<Counters>>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 #[derive(Debug)]
@@ -91,6 +117,10 @@ impl RelayMedia {
         let pool = Arc::new(PortPool::new(config.port_pool, status));
         let timeout = Duration::from_secs(config.rtp_timeout);
         let relay = Relay::start(threads, pool.clone(), timeout, events)?;
+        let stats = MediaStats {
+            packets: relay.packets(),
+            sessions: Arc::default(),
+        };
         Ok(Self {
             codecs: config.codecs.clone(),
             advertised,
@@ -98,17 +128,13 @@ impl RelayMedia {
             relay,
             next: 0,
             sessions: HashMap::new(),
+            stats,
         })
     }
 
-    /// Packets relayed since start, for `sip_pbx_media_packets_total`.
-    pub fn packets_total(&self) -> Arc<AtomicU64> {
-        self.relay.packets()
-    }
-
-    /// Packets and bytes the call relayed so far.
-    pub fn counters(&self, session: MediaSessionId) -> Option<MediaCounters> {
-        self.sessions.get(&session).map(|s| s.counters.snapshot())
+    /// A handle on the relay's counters.
+    pub fn stats(&self) -> MediaStats {
+        self.stats.clone()
     }
 
     /// Binds both legs of a new stream and hands them to the relay.
@@ -178,6 +204,7 @@ impl SessionMedia for RelayMedia {
         let id = MediaSessionId(self.next);
         let counters = Arc::new(Counters::default());
         let first = self.add_stream(id, 0, &counters)?;
+        self.stats.sessions().insert(id, counters.clone());
         self.sessions.insert(
             id,
             Session {
@@ -253,6 +280,7 @@ impl SessionMedia for RelayMedia {
 
     fn close(&mut self, session: MediaSessionId) {
         if self.sessions.remove(&session).is_some() {
+            self.stats.sessions().remove(&session);
             self.relay.remove(session);
         }
     }

@@ -8,7 +8,7 @@ pub mod port_pool;
 pub mod relay;
 pub mod sdp;
 
-pub use bypass::RelayMedia;
+pub use bypass::{MediaStats, RelayMedia};
 pub use relay::MediaCounters;
 
 use bytes::Bytes;

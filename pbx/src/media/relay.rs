@@ -463,6 +463,11 @@ impl Thread {
             if now >= next_sweep {
                 self.sweep(now);
                 next_sweep = now + SWEEP_EVERY;
+                // Also here: a wake-up lost to a failed eventfd write must
+                // not leave commands (or the order to stop) waiting.
+                if !self.commands() {
+                    break;
+                }
             }
         }
         let sessions: Vec<u64> = self.sessions.keys().copied().collect();
