@@ -142,12 +142,22 @@ fn rtp(seq: u16, size: usize) -> Vec<u8> {
     packet
 }
 
+/// Polls `done` until it holds, failing the test past WAIT.
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::yield_now();
+        std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+fn next_event(events: &mut UnboundedReceiver<MediaEvent>) -> MediaEvent {
+    let mut event = None;
+    wait_until("a media event", || {
+        event = events.try_recv().ok();
+        event.is_some()
+    });
+    event.expect("wait_until returned")
 }
 
 #[test]
@@ -286,16 +296,7 @@ fn silence_past_rtp_timeout_is_reported_and_close_frees_ports() {
     let Call { mut pbx, id, .. } = call(25400, 25499, 1, "127.0.0.1");
     let ringing = pbx.media.open().expect("a call still ringing");
     let started = Instant::now();
-    let event = loop {
-        match pbx.events.try_recv() {
-            Ok(event) => break event,
-            Err(_) => {
-                assert!(started.elapsed() < WAIT, "no RtpTimeout");
-                std::thread::yield_now();
-            }
-        }
-    };
-    assert_eq!(event, MediaEvent::RtpTimeout(id));
+    assert_eq!(next_event(&mut pbx.events), MediaEvent::RtpTimeout(id));
     assert!(started.elapsed() >= Duration::from_millis(900));
     pbx.media.close(id);
     pbx.media.close(ringing);
@@ -436,4 +437,29 @@ fn video_is_refused_with_port_zero_when_the_pool_is_empty() {
     assert_eq!(offered[1], 0);
     assert!(String::from_utf8_lossy(&offer).contains("a=rtpmap:99 H264/90000\r\n"));
     pbx.media.close(id);
+}
+
+#[test]
+fn a_call_on_hold_is_not_timed_out_until_it_resumes() {
+    let Call {
+        mut pbx, a, b, id, ..
+    } = call(26000, 26099, 1, "127.0.0.1");
+    let mut exchange = |from_a: &str, from_b: &str| {
+        pbx.media
+            .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(from_a))
+            .expect("re-offer");
+        pbx.media
+            .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(from_b))
+            .expect("re-answer");
+    };
+    exchange("a=sendonly\r\n", "a=recvonly\r\n");
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_millis(1600) {
+        assert!(pbx.events.try_recv().is_err(), "timed out while held");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    exchange("a=sendrecv\r\n", "");
+    let resumed = Instant::now();
+    assert_eq!(next_event(&mut pbx.events), MediaEvent::RtpTimeout(id));
+    assert!(resumed.elapsed() >= Duration::from_millis(900));
 }
