@@ -553,4 +553,43 @@ a=rtpmap:99 H264/90000\r\n";
         assert_eq!(d.streams[0].addr, None);
         assert_eq!(d.codec(), None);
     }
+
+    /// Bodies from the network may be anything: mutated offers must give
+    /// errors or rewritten bodies, never a panic.
+    #[test]
+    fn mutated_bodies_never_panic() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b" =:/\r\n0123456789amcov.IP46";
+        let relay = [
+            Action::Relay {
+                port: 10000,
+                formats: Some(vec!["0".into(), "999".into()]),
+            },
+            Action::Reject,
+        ];
+        for _ in 0..5000 {
+            let mut body = OFFER.as_bytes().to_vec();
+            for _ in 0..(next() % 8 + 1) {
+                let at = (next() as usize) % body.len().max(1);
+                let byte = alphabet[(next() as usize) % alphabet.len()];
+                match next() % 3 {
+                    0 => body.insert(at, byte),
+                    1 if !body.is_empty() => {
+                        body.remove(at);
+                    }
+                    _ => body.truncate(at),
+                }
+            }
+            if let Ok(d) = parse(&body) {
+                let _ = d.codec();
+                let _ = rewrite(&body, pbx(), &relay);
+            }
+        }
+    }
 }
