@@ -463,3 +463,44 @@ fn a_call_on_hold_is_not_timed_out_until_it_resumes() {
     assert_eq!(next_event(&mut pbx.events), MediaEvent::RtpTimeout(id));
     assert!(resumed.elapsed() >= Duration::from_millis(900));
 }
+
+/// The way the B2BUA holds it: boxed behind the trait, called from tokio
+/// tasks, its events awaited on the channel.
+#[tokio::test]
+async fn the_b2bua_drives_it_from_tokio_tasks() {
+    let config = MediaConfig {
+        port_pool: PortRange {
+            start: 26100,
+            end: 26199,
+        },
+        rtp_timeout: 1,
+        ..MediaConfig::default()
+    };
+    let status = Arc::new(PbxStatus::default());
+    let (tx, mut events) = unbounded_channel();
+    let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+    let relay = RelayMedia::new(&config, ip, status, tx).expect("relay");
+    let stats = relay.stats();
+    let media: Arc<std::sync::Mutex<Box<dyn SessionMedia>>> =
+        Arc::new(std::sync::Mutex::new(Box::new(relay)));
+    let (a, b) = (phone(ip), phone(ip));
+    let (offer, answer) = (a.sdp(""), b.sdp(""));
+    let task = tokio::spawn({
+        let media = media.clone();
+        async move {
+            let mut media = media.lock().expect("lock");
+            let id = media.open()?;
+            media.relay_sdp(id, LegSide::A, SdpRole::Offer, offer)?;
+            media.relay_sdp(id, LegSide::B, SdpRole::Answer, answer)?;
+            Ok::<_, MediaError>(id)
+        }
+    });
+    let id = task.await.expect("task").expect("call set up");
+    assert_eq!(stats.counters(id), Some(Default::default()));
+    let event = tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("event within WAIT");
+    assert_eq!(event, Some(MediaEvent::RtpTimeout(id)));
+    media.lock().expect("lock").close(id);
+    assert_eq!(stats.counters(id), None);
+}
