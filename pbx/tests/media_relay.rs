@@ -315,11 +315,16 @@ fn offers_without_an_allowed_codec_are_refused() {
     let mut pbx = pbx(25500, 25599, 60, "127.0.0.1");
     let id = pbx.media.open().expect("open");
     let g729 = Bytes::from_static(
-        b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 18 101\r\na=rtpmap:101 telephone-event/8000\r\n",
+        b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=video 4002 RTP/AVP 99\r\nm=audio 4000 RTP/AVP 18 101\r\na=rtpmap:101 telephone-event/8000\r\n",
     );
     assert_eq!(
         pbx.media.relay_sdp(id, LegSide::A, SdpRole::Offer, g729),
         Err(MediaError::NoCommonCodec)
+    );
+    assert_eq!(
+        pbx.status.ports_in_use.load(Ordering::Relaxed),
+        4,
+        "the refused offer took no ports for its video"
     );
     let garbage = Bytes::from_static(b"\xff\xfe not sdp");
     assert!(matches!(
@@ -503,4 +508,19 @@ async fn the_b2bua_drives_it_from_tokio_tasks() {
     assert_eq!(event, Some(MediaEvent::RtpTimeout(id)));
     media.lock().expect("lock").close(id);
     assert_eq!(stats.counters(id), None);
+}
+
+#[test]
+fn a_body_listing_many_streams_cannot_empty_the_pool() {
+    let Call { mut pbx, a, id, .. } = call(26200, 26299, 60, "127.0.0.1");
+    let many: String = (0..20).map(|_| video_line(&a)).collect();
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&many))
+        .expect("offer");
+    let offered = ports(&offer);
+    assert_eq!(offered.len(), 21);
+    assert_eq!(offered.iter().filter(|&&p| p != 0).count(), 4);
+    assert_eq!(pbx.status.ports_in_use.load(Ordering::Relaxed), 4 * 2 * 2);
+    pbx.media.close(id);
 }

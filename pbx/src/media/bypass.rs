@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::port_pool::PortPool;
 use super::relay::{Counters, MediaCounters, Relay, Remote};
-use super::sdp::{self, Action, Direction, Stream};
+use super::sdp::{self, Action, Description, Direction, Stream};
 use super::{LegSide, MediaError, MediaEvent, MediaSessionId, SdpRole, SessionMedia};
 use crate::config::MediaConfig;
 use crate::status::PbxStatus;
@@ -72,6 +72,18 @@ struct StreamPorts {
     ports: [u16; 2],
     /// What each leg's SDP last said, to see when a leg moves.
     remote: [Option<Remote>; 2],
+}
+
+/// m-lines of one call the relay carries (audio, video, a second video or
+/// T.38): a body listing hundreds must not empty the pool.
+const MAX_STREAMS: usize = 4;
+
+/// What one m-line asks for; `Relay` carries the codec-filtered payload
+/// types of an offer's audio.
+enum Wanted {
+    Keep,
+    Reject,
+    Relay(Option<Vec<String>>),
 }
 
 fn leg_index(leg: LegSide) -> usize {
@@ -162,6 +174,40 @@ impl RelayMedia {
         })
     }
 
+    /// What each m-line asks for, decided before any port is taken so that
+    /// a refused offer holds nothing: offers' audio is cut to `media.codecs`.
+    fn wanted(&self, description: &Description, role: SdpRole) -> Result<Vec<Wanted>, MediaError> {
+        let mut audio_offered = false;
+        let mut voice_kept = false;
+        let wanted = description
+            .streams
+            .iter()
+            .enumerate()
+            .map(|(index, stream)| {
+                if stream.port == 0 {
+                    return Wanted::Keep;
+                }
+                if index >= MAX_STREAMS || !stream.relayable() {
+                    return Wanted::Reject;
+                }
+                if role == SdpRole::Answer || !stream.is_audio() {
+                    return Wanted::Relay(None);
+                }
+                audio_offered = true;
+                let kept = stream.allowed_formats(&self.codecs);
+                if !stream.has_voice(&kept) {
+                    return Wanted::Reject;
+                }
+                voice_kept = true;
+                Wanted::Relay(Some(kept))
+            })
+            .collect();
+        if audio_offered && !voice_kept {
+            return Err(MediaError::NoCommonCodec);
+        }
+        Ok(wanted)
+    }
+
     /// The port the other leg is to send this m-line to (`None`: refuse the
     /// stream), registering where `from` wants media.
     fn plan_stream(
@@ -224,46 +270,28 @@ impl SessionMedia for RelayMedia {
         sdp: Bytes,
     ) -> Result<Bytes, MediaError> {
         let description = sdp::parse(&sdp)?;
+        let wanted = self.wanted(&description, role)?;
         let mut session = self
             .sessions
             .remove(&id)
             .ok_or_else(|| MediaError::BadSdp(format!("no media session {}", id.0)))?;
         let from = leg_index(from);
-        let mut actions = Vec::with_capacity(description.streams.len());
-        let mut audio_offered = false;
-        let mut voice_kept = false;
-        for (index, stream) in description.streams.iter().enumerate() {
-            if stream.port == 0 {
-                actions.push(Action::Keep);
-                continue;
-            }
-            if !stream.relayable() {
-                actions.push(Action::Reject);
-                continue;
-            }
-            let mut formats = None;
-            if role == SdpRole::Offer && stream.is_audio() {
-                audio_offered = true;
-                let kept = stream.allowed_formats(&self.codecs);
-                if !stream.has_voice(&kept) {
-                    actions.push(Action::Reject);
-                    continue;
+        let actions: Vec<Action> = wanted
+            .into_iter()
+            .zip(&description.streams)
+            .enumerate()
+            .map(|(index, (want, stream))| match want {
+                Wanted::Keep => Action::Keep,
+                Wanted::Reject => Action::Reject,
+                Wanted::Relay(formats) => {
+                    match self.plan_stream(&mut session, id, index, stream, from, role) {
+                        Some(port) => Action::Relay { port, formats },
+                        None => Action::Reject,
+                    }
                 }
-                voice_kept = true;
-                formats = Some(kept);
-            }
-            actions.push(
-                match self.plan_stream(&mut session, id, index, stream, from, role) {
-                    Some(port) => Action::Relay { port, formats },
-                    None => Action::Reject,
-                },
-            );
-        }
-        let result = if audio_offered && !voice_kept {
-            Err(MediaError::NoCommonCodec)
-        } else {
-            sdp::rewrite(&sdp, self.advertised, &actions)
-        };
+            })
+            .collect();
+        let result = sdp::rewrite(&sdp, self.advertised, &actions);
         if result.is_ok() && role == SdpRole::Answer {
             session.codec = description.codec();
             let live: Vec<&Stream> = description.streams.iter().filter(|s| s.port != 0).collect();
