@@ -9,7 +9,6 @@
 //! `--syscalls` instead compares, on one socket pair, the per-packet cost
 //! of recvfrom+sendto with recvmmsg+sendmmsg at batch sizes 1 and 16.
 
-use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -80,10 +79,25 @@ fn thread_cpu(prefix: &str) -> Duration {
     Duration::from_nanos(ticks * 1_000_000_000 / ticks_per_second)
 }
 
+/// One socket plays the A phone of every call and one the B phone: the
+/// relay keeps a latch per PBX port, so calls need not differ in address,
+/// and the generator then drains its side with one recvmmsg per batch
+/// instead of one recvfrom per packet, leaving the CPU to the relay.
 fn phone() -> UdpSocket {
-    let socket = UdpSocket::bind((LOOPBACK, 0)).expect("bind phone");
-    socket.set_nonblocking(true).expect("nonblocking");
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .expect("socket");
     socket
+        .set_recv_buffer_size(4 << 20)
+        .expect("receive buffer");
+    socket
+        .bind(&SocketAddr::new(LOOPBACK, 0).into())
+        .expect("bind phone");
+    socket.set_nonblocking(true).expect("nonblocking");
+    socket.into()
 }
 
 fn sdp(socket: &UdpSocket) -> Bytes {
@@ -97,20 +111,99 @@ fn audio_port(body: &[u8]) -> u16 {
     sip_pbx::media::sdp::parse(body).expect("sdp").streams[0].port
 }
 
-/// A phone's socket and the PBX address it sends to.
-struct Leg {
-    socket: UdpSocket,
-    pbx: SocketAddr,
+/// Buffers and headers for recvmmsg/sendmmsg.
+struct Batch {
+    buffers: Vec<[u8; 2048]>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
 }
 
-/// Reads all that waits on the socket; returns the packet count.
-fn drain(socket: &UdpSocket, buffer: &mut [u8]) -> u64 {
-    let mut n = 0;
-    loop {
-        match socket.recv_from(buffer) {
-            Ok(_) => n += 1,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return n,
-            Err(e) => panic!("phone receive: {e}"),
+impl Batch {
+    fn new(size: usize) -> Self {
+        Self {
+            buffers: vec![[0u8; 2048]; size],
+            iovecs: Vec::with_capacity(size),
+            // SAFETY: a zeroed mmsghdr is valid (null pointers, zero lengths).
+            headers: (0..size).map(|_| unsafe { std::mem::zeroed() }).collect(),
+        }
+    }
+
+    /// Points the first `n` headers at the buffers, `address` as their
+    /// peer (null to receive).
+    fn prepare(&mut self, n: usize, address: *mut libc::sockaddr_in) {
+        self.iovecs.clear();
+        self.iovecs
+            .extend(self.buffers.iter_mut().take(n).map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            }));
+        for (header, iovec) in self.headers.iter_mut().zip(self.iovecs.iter_mut()) {
+            header.msg_hdr.msg_iov = iovec;
+            header.msg_hdr.msg_iovlen = 1;
+            header.msg_hdr.msg_name = address.cast();
+            header.msg_hdr.msg_namelen = if address.is_null() {
+                0
+            } else {
+                std::mem::size_of::<libc::sockaddr_in>() as u32
+            };
+        }
+    }
+
+    /// Receives up to `n` waiting packets without blocking.
+    fn receive(&mut self, socket: &UdpSocket, n: usize) -> usize {
+        let n = n.min(self.buffers.len());
+        self.prepare(n, std::ptr::null_mut());
+        // SAFETY: the headers point at live iovecs and buffers.
+        let got = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                self.headers.as_mut_ptr(),
+                n as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        usize::try_from(got).unwrap_or(0)
+    }
+
+    /// Sends the `n` packets last received, each at its received length.
+    fn send(&mut self, socket: &UdpSocket, to: SocketAddr, n: usize) -> usize {
+        let SocketAddr::V4(to) = to else {
+            panic!("the benchmark runs on IPv4 loopback")
+        };
+        let mut address = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: to.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*to.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let lengths: Vec<usize> = self
+            .headers
+            .iter()
+            .take(n)
+            .map(|h| h.msg_len as usize)
+            .collect();
+        self.prepare(n, &mut address);
+        for (iovec, len) in self.iovecs.iter_mut().zip(lengths) {
+            iovec.iov_len = len;
+        }
+        // SAFETY: as in `receive`; `address` outlives the call.
+        let sent =
+            unsafe { libc::sendmmsg(socket.as_raw_fd(), self.headers.as_mut_ptr(), n as u32, 0) };
+        usize::try_from(sent).unwrap_or(0)
+    }
+
+    /// Reads all that waits on the socket; returns the packet count.
+    fn drain(&mut self, socket: &UdpSocket) -> u64 {
+        let mut total = 0;
+        loop {
+            let got = self.receive(socket, self.buffers.len());
+            total += got as u64;
+            if got < self.buffers.len() {
+                return total;
+            }
         }
     }
 }
@@ -135,10 +228,11 @@ fn run(calls: usize, seconds: u64, threads: usize) -> Result {
     let status = Arc::new(PbxStatus::default());
     let mut media =
         RelayMedia::with_threads(&config, LOOPBACK, status, tx, threads).expect("relay");
-    let mut legs = Vec::with_capacity(calls * 2);
+    let (a, b) = (phone(), phone());
+    // Per call: where A sends and where B sends.
+    let mut targets = Vec::with_capacity(calls);
     let mut sessions = Vec::with_capacity(calls);
     for _ in 0..calls {
-        let (a, b) = (phone(), phone());
         let id = media.open().expect("open");
         let offer = media
             .relay_sdp(id, LegSide::A, SdpRole::Offer, sdp(&a))
@@ -146,19 +240,15 @@ fn run(calls: usize, seconds: u64, threads: usize) -> Result {
         let answer = media
             .relay_sdp(id, LegSide::B, SdpRole::Answer, sdp(&b))
             .expect("answer");
-        legs.push(Leg {
-            socket: a,
-            pbx: SocketAddr::new(LOOPBACK, audio_port(&answer)),
-        });
-        legs.push(Leg {
-            socket: b,
-            pbx: SocketAddr::new(LOOPBACK, audio_port(&offer)),
-        });
+        targets.push((
+            SocketAddr::new(LOOPBACK, audio_port(&answer)),
+            SocketAddr::new(LOOPBACK, audio_port(&offer)),
+        ));
         sessions.push(id);
     }
     let stats = media.stats();
     let payload = [0x80u8; PACKET];
-    let mut buffer = vec![0u8; 65536];
+    let mut batch = Batch::new(64);
     let (mut sent, mut received) = (0u64, 0u64);
     let warmup = Duration::from_secs(1);
     let start = Instant::now();
@@ -171,14 +261,12 @@ fn run(calls: usize, seconds: u64, threads: usize) -> Result {
             relayed0 = stats.packets_total();
             measured = Some((Instant::now(), sent, received));
         }
-        for (i, leg) in legs.iter().enumerate() {
-            if (i / 2) % SLOTS == tick % SLOTS {
-                leg.socket.send_to(&payload, leg.pbx).expect("send");
-                sent += 1;
-            } else if (i / 2) % SLOTS == (tick + SLOTS - 1) % SLOTS {
-                received += drain(&leg.socket, &mut buffer);
-            }
+        for (to_a, to_b) in targets.iter().skip(tick % SLOTS).step_by(SLOTS) {
+            a.send_to(&payload, to_a).expect("send");
+            b.send_to(&payload, to_b).expect("send");
+            sent += 2;
         }
+        received += batch.drain(&a) + batch.drain(&b);
         tick += 1;
         next += TICK;
         if let Some(wait) = next.checked_duration_since(Instant::now()) {
@@ -191,9 +279,7 @@ fn run(calls: usize, seconds: u64, threads: usize) -> Result {
     let elapsed = t0.elapsed();
     let deadline = Instant::now() + Duration::from_millis(500);
     while received - received0 < sent - sent0 && Instant::now() < deadline {
-        for leg in &legs {
-            received += drain(&leg.socket, &mut buffer);
-        }
+        received += batch.drain(&a) + batch.drain(&b);
     }
     for id in sessions {
         media.close(id);
@@ -230,97 +316,45 @@ fn load(options: &Options) {
 /// like the relay).
 fn syscalls() {
     let batches = 200_000 / 16;
-    let relay_in = UdpSocket::bind((LOOPBACK, 0)).expect("bind");
-    let relay_out = UdpSocket::bind((LOOPBACK, 0)).expect("bind");
-    let sink = UdpSocket::bind((LOOPBACK, 0)).expect("bind");
-    let source = UdpSocket::bind((LOOPBACK, 0)).expect("bind");
+    let relay_in = phone();
+    let relay_out = phone();
+    let sink = phone();
+    let source = phone();
     let to_relay = relay_in.local_addr().expect("addr");
     let to_sink = sink.local_addr().expect("addr");
-    relay_in.set_nonblocking(true).expect("nonblocking");
-    sink.set_nonblocking(true).expect("nonblocking");
     let payload = [0x80u8; PACKET];
     let mut scratch = vec![0u8; 65536];
-    for batch in [1usize, 16] {
+    let mut mmsg = Batch::new(16);
+    let mut sink_batch = Batch::new(64);
+    for size in [1usize, 16] {
         for use_mmsg in [false, true] {
             let mut spent = Duration::ZERO;
             for _ in 0..batches {
-                for _ in 0..batch {
+                for _ in 0..size {
                     source.send_to(&payload, to_relay).expect("send");
                 }
+                let t = Instant::now();
                 if use_mmsg {
-                    spent += mmsg_forward(&relay_in, &relay_out, to_sink, batch);
+                    let got = mmsg.receive(&relay_in, size);
+                    assert_eq!(mmsg.send(&relay_out, to_sink, got), size, "sendmmsg");
                 } else {
-                    let t = Instant::now();
-                    for _ in 0..batch {
+                    for _ in 0..size {
                         let (n, _) = relay_in.recv_from(&mut scratch).expect("recv");
                         relay_out.send_to(&scratch[..n], to_sink).expect("send");
                     }
-                    spent += t.elapsed();
                 }
-                drain(&sink, &mut scratch);
+                spent += t.elapsed();
+                sink_batch.drain(&sink);
             }
-            let ns = spent.as_nanos() as f64 / (batches * batch) as f64;
+            let ns = spent.as_nanos() as f64 / (batches * size) as f64;
             let how = if use_mmsg {
                 "recvmmsg+sendmmsg"
             } else {
                 "recvfrom+sendto"
             };
-            println!("batch {batch:2}  {how:18} {ns:6.0} ns/packet");
+            println!("batch {size:2}  {how:18} {ns:6.0} ns/packet");
         }
     }
-}
-
-/// Forwards `batch` waiting packets; returns the time the forwarding took,
-/// leaving out the set-up a relay would do once.
-fn mmsg_forward(input: &UdpSocket, output: &UdpSocket, to: SocketAddr, batch: usize) -> Duration {
-    let mut buffers = vec![[0u8; 2048]; batch];
-    let mut iovecs: Vec<libc::iovec> = buffers
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    let SocketAddr::V4(to) = to else {
-        panic!("loopback is IPv4")
-    };
-    let mut address = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: to.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*to.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: zeroed mmsghdr is valid (null pointers, zero lengths).
-    let mut headers: Vec<libc::mmsghdr> =
-        (0..batch).map(|_| unsafe { std::mem::zeroed() }).collect();
-    for (header, iovec) in headers.iter_mut().zip(iovecs.iter_mut()) {
-        header.msg_hdr.msg_iov = iovec;
-        header.msg_hdr.msg_iovlen = 1;
-    }
-    let t = Instant::now();
-    // SAFETY: headers point at live iovecs and buffers for the call.
-    let n = unsafe {
-        libc::recvmmsg(
-            input.as_raw_fd(),
-            headers.as_mut_ptr(),
-            batch as u32,
-            libc::MSG_DONTWAIT,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(n, batch as i32, "recvmmsg");
-    for (header, iovec) in headers.iter_mut().zip(iovecs.iter_mut()) {
-        iovec.iov_len = header.msg_len as usize;
-        header.msg_hdr.msg_name = (&mut address as *mut libc::sockaddr_in).cast();
-        header.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-    }
-    // SAFETY: as above; the address outlives the call.
-    let n = unsafe { libc::sendmmsg(output.as_raw_fd(), headers.as_mut_ptr(), batch as u32, 0) };
-    let spent = t.elapsed();
-    assert_eq!(n, batch as i32, "sendmmsg");
-    spent
 }
 
 fn main() {
