@@ -524,3 +524,29 @@ fn a_body_listing_many_streams_cannot_empty_the_pool() {
     assert_eq!(pbx.status.ports_in_use.load(Ordering::Relaxed), 4 * 2 * 2);
     pbx.media.close(id);
 }
+
+#[test]
+fn packets_before_a_legs_sdp_cannot_claim_its_media() {
+    let mut pbx = pbx(26300, 26399, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, b, stranger) = (phone(ip), phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(""))
+        .expect("offer");
+    let to_b = audio_port(&offer);
+    send(&stranger.rtp, ip, to_b, b"sprayed while ringing");
+    wait_until("the sprayed packet dropped", || {
+        pbx.media.stats().counters(id).expect("session").dropped == 1
+    });
+    let answer = pbx
+        .media
+        .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(""))
+        .expect("answer");
+    send(&b.rtp, ip, to_b, b"the real callee");
+    assert_eq!(receive(&a.rtp), b"the real callee");
+    send(&a.rtp, ip, audio_port(&answer), b"reaches the callee");
+    assert_eq!(receive(&b.rtp), b"reaches the callee");
+    pbx.media.close(id);
+}

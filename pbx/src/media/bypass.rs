@@ -227,17 +227,15 @@ impl RelayMedia {
             *slot = self.add_stream(id, index, &session.counters).ok();
         }
         let ports = slot.as_mut()?;
-        if let (Some(remote), Some(last)) = (
-            remote_of(stream).and_then(|r| {
-                Some(Remote {
-                    rtp: self.relay.socket_form(r.rtp)?,
-                    rtcp: self.relay.socket_form(r.rtcp)?,
-                })
-            }),
-            ports.remote.get_mut(from),
-        ) {
-            let relatch = last.is_some_and(|l| l != remote);
-            *last = Some(remote);
+        let remote = remote_of(stream).and_then(|r| {
+            Some(Remote {
+                rtp: self.relay.socket_form(r.rtp)?,
+                rtcp: self.relay.socket_form(r.rtcp)?,
+            })
+        });
+        if let Some(last) = ports.remote.get_mut(from) {
+            let relatch = matches!((*last, remote), (Some(l), Some(r)) if l != r);
+            *last = remote.or(*last);
             self.relay.set_remote(id, index, from, remote, relatch);
         }
         ports.ports.get(1 - from).copied()

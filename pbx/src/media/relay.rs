@@ -5,7 +5,9 @@
 //! eventfd; the hot path takes no lock. Each stream is symmetric RTP: a leg
 //! latches onto the address its first packet came from (phones behind NAT
 //! send from elsewhere than their SDP says), and once latched, packets from
-//! any other source are dropped, not forwarded.
+//! any other source are dropped, not forwarded. A leg latches only once its
+//! SDP has been seen, so that packets sprayed at a ringing call's ports
+//! cannot claim its media before the phone does.
 
 use std::collections::HashMap;
 use std::io;
@@ -85,7 +87,7 @@ enum Command {
         session: u64,
         index: usize,
         leg: usize,
-        remote: Remote,
+        remote: Option<Remote>,
         relatch: bool,
     },
     Pause {
@@ -242,14 +244,15 @@ impl Relay {
         );
     }
 
-    /// Where to send leg `leg` (0 = A) of stream `index` until it latches;
+    /// The SDP of leg `leg` (0 = A) of stream `index` was seen: the leg may
+    /// latch, and `remote`, when known, is where to send until it does;
     /// `relatch` forgets the latched source (the SDP moved the leg).
     pub fn set_remote(
         &self,
         session: MediaSessionId,
         index: usize,
         leg: usize,
-        remote: Remote,
+        remote: Option<Remote>,
         relatch: bool,
     ) {
         self.send(
@@ -391,6 +394,8 @@ const BUFFER: usize = 65536;
 struct Channel {
     socket: UdpSocket,
     sdp: Option<SocketAddr>,
+    /// The leg's SDP has been seen.
+    signalled: bool,
     latched: Option<SocketAddr>,
 }
 
@@ -503,7 +508,11 @@ impl Thread {
                 return 0;
             }
             Some(_) => {}
-            None => input.latched = Some(source),
+            None if input.signalled => input.latched = Some(source),
+            None => {
+                bump(&entry.counters.dropped, 1);
+                return 0;
+            }
         }
         if kind == 0 {
             entry.last_rtp = now;
@@ -566,8 +575,10 @@ impl Thread {
                 });
                 let stream = slot.and_then(|slot| self.streams.get_mut(slot)?.as_mut());
                 if let Some([rtp, rtcp]) = stream.and_then(|s| s.channels.get_mut(leg)) {
-                    for (channel, addr) in [(rtp, remote.rtp), (rtcp, remote.rtcp)] {
-                        channel.sdp = Some(addr);
+                    let addrs = [remote.map(|r| r.rtp), remote.map(|r| r.rtcp)];
+                    for (channel, addr) in [rtp, rtcp].into_iter().zip(addrs) {
+                        channel.signalled = true;
+                        channel.sdp = addr.or(channel.sdp);
                         if relatch {
                             channel.latched = None;
                         }
@@ -597,6 +608,7 @@ impl Thread {
         let channel = |socket| Channel {
             socket,
             sdp: None,
+            signalled: false,
             latched: None,
         };
         let entry = StreamEntry {
@@ -670,10 +682,7 @@ impl Thread {
                 .filter_map(|&slot| self.streams.get(slot).and_then(Option::as_ref))
             {
                 last = last.max(stream.last_rtp);
-                established |= stream
-                    .channels
-                    .iter()
-                    .all(|[rtp, _]| rtp.sdp.is_some() || rtp.latched.is_some());
+                established |= stream.channels.iter().all(|[rtp, _]| rtp.signalled);
             }
             if established && now.duration_since(last) >= self.rtp_timeout {
                 entry.fired = true;
