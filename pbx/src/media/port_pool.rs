@@ -13,8 +13,9 @@ use crate::status::PbxStatus;
 
 #[derive(Debug)]
 pub struct PortPool {
-    /// Even ports of free pairs; released pairs go to the back so that a
-    /// port just closed is not reused at once (late packets of the old call).
+    /// Even ports of free pairs, longest free first: released pairs go to
+    /// the back, so that a port just closed is not reused at once (late
+    /// packets of the old call).
     free: Mutex<VecDeque<u16>>,
     capacity: usize,
     status: Arc<PbxStatus>,
@@ -50,13 +51,13 @@ impl PortPool {
             .len()
     }
 
-    /// The even port of a free pair.
+    /// The even port of a free pair, drawn at random from the half that has
+    /// been free longest, so that the next call's ports cannot be guessed.
     pub fn allocate(&self) -> Option<u16> {
-        let port = self
-            .free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop_front()?;
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let oldest = free.len().div_ceil(2);
+        let port = free.remove(rand::random_range(0..oldest.max(1)))?;
+        drop(free);
         self.status.ports_in_use.fetch_add(2, Ordering::Relaxed);
         Some(port)
     }
@@ -87,8 +88,9 @@ mod tests {
         );
         assert_eq!(pool.capacity(), 2);
         assert_eq!(status.ports_capacity.load(Ordering::Relaxed), 4);
-        assert_eq!(pool.allocate(), Some(10002));
-        assert_eq!(pool.allocate(), Some(10004));
+        let mut got = [pool.allocate(), pool.allocate()];
+        got.sort();
+        assert_eq!(got, [Some(10002), Some(10004)]);
         assert_eq!(pool.allocate(), None);
         assert_eq!(status.ports_in_use.load(Ordering::Relaxed), 4);
         pool.release(10002);
@@ -107,7 +109,26 @@ mod tests {
             Arc::new(PbxStatus::default()),
         );
         assert_eq!(pool.capacity(), 2);
-        assert_eq!(pool.allocate(), Some(65532));
-        assert_eq!(pool.allocate(), Some(65534));
+        let mut got = [pool.allocate(), pool.allocate()];
+        got.sort();
+        assert_eq!(got, [Some(65532), Some(65534)]);
+    }
+
+    #[test]
+    fn ports_just_released_wait_and_the_rest_come_in_no_fixed_order() {
+        let pool = PortPool::new(
+            PortRange {
+                start: 20000,
+                end: 20199,
+            },
+            Arc::new(PbxStatus::default()),
+        );
+        let first: Vec<u16> = (0..10).filter_map(|_| pool.allocate()).collect();
+        assert_ne!(first, (0..10).map(|i| 20000 + 2 * i).collect::<Vec<u16>>());
+        for &port in &first {
+            pool.release(port);
+        }
+        let next: Vec<u16> = (0..40).filter_map(|_| pool.allocate()).collect();
+        assert!(next.iter().all(|p| !first.contains(p)), "{next:?}");
     }
 }
