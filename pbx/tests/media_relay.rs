@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sip_pbx::config::{MediaConfig, PortRange};
 use sip_pbx::media::{
-    sdp, LegSide, MediaError, MediaEvent, MediaSessionId, RelayMedia, SdpRole, SessionMedia,
+    sdp, LegSide, MediaCounters, MediaError, MediaEvent, MediaSessionId, RelayMedia, SdpRole,
+    SessionMedia,
 };
 use sip_pbx::status::PbxStatus;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -96,6 +97,31 @@ struct Call {
     to_b: u16,
 }
 
+impl Call {
+    /// A sends to the PBX; B must receive exactly that.
+    fn a_to_b(&self, payload: &[u8]) {
+        send(&self.a.rtp, self.ip, self.to_a, payload);
+        assert_eq!(receive(&self.b.rtp), payload);
+    }
+
+    fn b_to_a(&self, payload: &[u8]) {
+        send(&self.b.rtp, self.ip, self.to_b, payload);
+        assert_eq!(receive(&self.a.rtp), payload);
+    }
+
+    /// The call's counters once `ready` holds: the relay counts a packet
+    /// once it is sent, so just after it may have arrived.
+    fn counters_once(&self, ready: impl Fn(&MediaCounters) -> bool) -> MediaCounters {
+        let stats = self.pbx.media.stats();
+        let mut last = None;
+        wait_until("the session counters", || {
+            last = stats.counters(self.id);
+            last.as_ref().is_some_and(&ready)
+        });
+        last.expect("wait_until returned")
+    }
+}
+
 fn call(start: u16, end: u16, rtp_timeout: u64, ip: &str) -> Call {
     let mut pbx = pbx(start, end, rtp_timeout, ip);
     let ip = pbx.ip;
@@ -162,115 +188,74 @@ fn next_event(events: &mut UnboundedReceiver<MediaEvent>) -> MediaEvent {
 
 #[test]
 fn rtp_and_rtcp_flow_both_ways_with_payloads_intact() {
-    let Call {
-        mut pbx,
-        ip,
-        a,
-        b,
-        id,
-        to_a,
-        to_b,
-        ..
-    } = call(25000, 25099, 60, "127.0.0.1");
-    assert_eq!(to_a % 2, 0);
-    assert_eq!(to_b % 2, 0);
+    let mut c = call(25000, 25099, 60, "127.0.0.1");
+    assert_eq!(c.to_a % 2, 0);
+    assert_eq!(c.to_b % 2, 0);
     for seq in 0..50 {
         let forth = rtp(seq, 160);
-        send(&a.rtp, ip, to_a, &forth);
-        assert_eq!(receive(&b.rtp), forth);
+        c.a_to_b(&forth);
         let back = rtp(seq + 1000, 172);
-        send(&b.rtp, ip, to_b, &back);
-        assert_eq!(receive(&a.rtp), back);
+        c.b_to_a(&back);
     }
-    send(&a.rtcp, ip, to_a + 1, b"rtcp from a");
-    assert_eq!(receive(&b.rtcp), b"rtcp from a");
-    send(&b.rtcp, ip, to_b + 1, b"rtcp from b");
-    assert_eq!(receive(&a.rtcp), b"rtcp from b");
+    send(&c.a.rtcp, c.ip, c.to_a + 1, b"rtcp from a");
+    assert_eq!(receive(&c.b.rtcp), b"rtcp from a");
+    send(&c.b.rtcp, c.ip, c.to_b + 1, b"rtcp from b");
+    assert_eq!(receive(&c.a.rtcp), b"rtcp from b");
 
-    // The relay counts a packet once it is sent, so just after it arrives.
-    wait_until("the session counters", || {
-        pbx.media
-            .stats()
-            .counters(id)
-            .expect("session")
-            .b_to_a_packets
-            == 51
-    });
-    let counters = pbx.media.stats().counters(id).expect("session");
+    let counters = c.counters_once(|n| n.b_to_a_packets == 51);
     assert_eq!(counters.a_to_b_packets, 51);
     assert_eq!(counters.a_to_b_bytes, 50 * 164 + 11);
     assert_eq!(counters.dropped, 0);
-    let stats = pbx.media.stats();
+    let stats = c.pbx.media.stats();
     wait_until("the global counter", || stats.packets_total() == 102);
-    assert_eq!(pbx.media.codec(id).as_deref(), Some("PCMU"));
-    pbx.media.close(id);
+    assert_eq!(c.pbx.media.codec(c.id).as_deref(), Some("PCMU"));
+    c.pbx.media.close(c.id);
 }
 
 #[test]
 fn a_re_offer_moving_the_far_end_keeps_ports_and_follows_it() {
-    let Call {
-        mut pbx,
-        ip,
-        a,
-        b,
-        id,
-        to_a,
-        to_b,
-        ..
-    } = call(25100, 25199, 60, "127.0.0.1");
-    send(&b.rtp, ip, to_b, b"latch b");
-    assert_eq!(receive(&a.rtp), b"latch b");
+    let mut c = call(25100, 25199, 60, "127.0.0.1");
+    c.b_to_a(b"latch b");
 
-    let moved = phone(ip);
-    let reoffer = pbx
+    let moved = phone(c.ip);
+    let reoffer = c
+        .pbx
         .media
-        .relay_sdp(id, LegSide::B, SdpRole::Offer, moved.sdp("a=sendonly\r\n"))
+        .relay_sdp(
+            c.id,
+            LegSide::B,
+            SdpRole::Offer,
+            moved.sdp("a=sendonly\r\n"),
+        )
         .expect("re-offer");
-    assert_eq!(audio_port(&reoffer), to_a, "same m-line, same port");
+    assert_eq!(audio_port(&reoffer), c.to_a, "same m-line, same port");
     assert!(String::from_utf8_lossy(&reoffer).contains("a=sendonly\r\n"));
-    let reanswer = pbx
+    let reanswer = c
+        .pbx
         .media
-        .relay_sdp(id, LegSide::A, SdpRole::Answer, a.sdp("a=recvonly\r\n"))
+        .relay_sdp(c.id, LegSide::A, SdpRole::Answer, c.a.sdp("a=recvonly\r\n"))
         .expect("re-answer");
-    assert_eq!(audio_port(&reanswer), to_b);
+    assert_eq!(audio_port(&reanswer), c.to_b);
 
-    send(&a.rtp, ip, to_a, b"to the new port");
+    send(&c.a.rtp, c.ip, c.to_a, b"to the new port");
     assert_eq!(receive(&moved.rtp), b"to the new port");
-    send(&moved.rtp, ip, to_b, b"from the new port");
-    assert_eq!(receive(&a.rtp), b"from the new port");
-    send(&b.rtp, ip, to_b, b"old address, now a stranger");
-    send(&moved.rtp, ip, to_b, b"still the new port");
-    assert_eq!(receive(&a.rtp), b"still the new port");
-    pbx.media.close(id);
+    send(&moved.rtp, c.ip, c.to_b, b"from the new port");
+    assert_eq!(receive(&c.a.rtp), b"from the new port");
+    send(&c.b.rtp, c.ip, c.to_b, b"old address, now a stranger");
+    send(&moved.rtp, c.ip, c.to_b, b"still the new port");
+    assert_eq!(receive(&c.a.rtp), b"still the new port");
+    c.pbx.media.close(c.id);
 }
 
 #[test]
 fn packets_from_a_stranger_after_latching_are_dropped() {
-    let Call {
-        mut pbx,
-        ip,
-        a,
-        b,
-        id,
-        to_a,
-        ..
-    } = call(25200, 25299, 60, "127.0.0.1");
-    let stranger = phone(ip);
-    send(&a.rtp, ip, to_a, b"first");
-    assert_eq!(receive(&b.rtp), b"first");
-    send(&stranger.rtp, ip, to_a, b"injected");
-    send(&a.rtp, ip, to_a, b"second");
-    assert_eq!(receive(&b.rtp), b"second");
-    wait_until("the session counters", || {
-        pbx.media
-            .stats()
-            .counters(id)
-            .expect("session")
-            .a_to_b_packets
-            == 2
-    });
-    assert_eq!(pbx.media.stats().counters(id).expect("session").dropped, 1);
-    pbx.media.close(id);
+    let mut c = call(25200, 25299, 60, "127.0.0.1");
+    let stranger = phone(c.ip);
+    c.a_to_b(b"first");
+    send(&stranger.rtp, c.ip, c.to_a, b"injected");
+    c.a_to_b(b"second");
+    assert_eq!(c.counters_once(|n| n.a_to_b_packets == 2).dropped, 1);
+    c.pbx.media.close(c.id);
 }
 
 #[test]
@@ -340,47 +325,27 @@ fn ipv6_phones_are_relayed() {
         eprintln!("no IPv6 loopback here; skipped");
         return;
     }
-    let Call {
-        mut pbx,
-        ip,
-        a,
-        b,
-        id,
-        offer,
-        to_a,
-        to_b,
-    } = call(25600, 25699, 60, "::1");
-    assert!(String::from_utf8_lossy(&offer).contains("c=IN IP6 ::1\r\n"));
-    send(&a.rtp, ip, to_a, b"over ipv6");
-    assert_eq!(receive(&b.rtp), b"over ipv6");
-    send(&b.rtp, ip, to_b, b"and back");
-    assert_eq!(receive(&a.rtp), b"and back");
-    pbx.media.close(id);
+    let mut c = call(25600, 25699, 60, "::1");
+    assert!(String::from_utf8_lossy(&c.offer).contains("c=IN IP6 ::1\r\n"));
+    c.a_to_b(b"over ipv6");
+    c.b_to_a(b"and back");
+    c.pbx.media.close(c.id);
 }
 
 #[test]
 fn unreadable_packets_and_unknown_sessions_do_not_disturb_the_relay() {
-    let Call {
-        mut pbx,
-        ip,
-        a,
-        b,
-        id,
-        to_a,
-        ..
-    } = call(25700, 25799, 60, "127.0.0.1");
-    send(&a.rtp, ip, to_a, b"");
-    assert_eq!(receive(&b.rtp), b"");
+    let mut c = call(25700, 25799, 60, "127.0.0.1");
+    c.a_to_b(b"");
     let big = vec![7u8; 9000];
-    send(&a.rtp, ip, to_a, &big);
-    assert_eq!(receive(&b.rtp), big);
+    c.a_to_b(&big);
     let unknown = MediaSessionId(999_999);
-    assert!(pbx
+    assert!(c
+        .pbx
         .media
-        .relay_sdp(unknown, LegSide::A, SdpRole::Offer, a.sdp(""))
+        .relay_sdp(unknown, LegSide::A, SdpRole::Offer, c.a.sdp(""))
         .is_err());
-    pbx.media.close(unknown);
-    pbx.media.close(id);
+    c.pbx.media.close(unknown);
+    c.pbx.media.close(c.id);
 }
 
 fn video_line(phone: &Phone) -> String {

@@ -76,16 +76,17 @@ impl PortPool {
 mod tests {
     use super::*;
 
+    fn pool(start: u16, end: u16) -> (PortPool, Arc<PbxStatus>) {
+        let status = Arc::new(PbxStatus::default());
+        (
+            PortPool::new(PortRange { start, end }, status.clone()),
+            status,
+        )
+    }
+
     #[test]
     fn pairs_are_even_and_fit_the_range() {
-        let status = Arc::new(PbxStatus::default());
-        let pool = PortPool::new(
-            PortRange {
-                start: 10001,
-                end: 10006,
-            },
-            status.clone(),
-        );
+        let (pool, status) = pool(10001, 10006);
         assert_eq!(pool.capacity(), 2);
         assert_eq!(status.ports_capacity.load(Ordering::Relaxed), 4);
         let mut got = [pool.allocate(), pool.allocate()];
@@ -101,13 +102,7 @@ mod tests {
 
     #[test]
     fn top_of_the_port_space_does_not_overflow() {
-        let pool = PortPool::new(
-            PortRange {
-                start: 65532,
-                end: 65535,
-            },
-            Arc::new(PbxStatus::default()),
-        );
+        let (pool, _) = pool(65532, 65535);
         assert_eq!(pool.capacity(), 2);
         let mut got = [pool.allocate(), pool.allocate()];
         got.sort();
@@ -116,13 +111,7 @@ mod tests {
 
     #[test]
     fn ports_just_released_wait_and_the_rest_come_in_no_fixed_order() {
-        let pool = PortPool::new(
-            PortRange {
-                start: 20000,
-                end: 20199,
-            },
-            Arc::new(PbxStatus::default()),
-        );
+        let (pool, _) = pool(20000, 20199);
         let first: Vec<u16> = (0..10).filter_map(|_| pool.allocate()).collect();
         assert_ne!(first, (0..10).map(|i| 20000 + 2 * i).collect::<Vec<u16>>());
         for &port in &first {
