@@ -360,7 +360,8 @@ impl Config {
         if self.sip.listen_port == 0 {
             bad("sip.listen_port", "must be 1..65535".into());
         }
-        if !self.sip.advertised_ip.is_empty() && self.sip.advertised_ip.parse::<IpAddr>().is_err() {
+        if !self.sip.advertised_ip.is_empty() && self.sip.advertised_ip.parse::<IpAddr>().is_err()
+        {
             bad(
                 "sip.advertised_ip",
                 format!(
@@ -448,10 +449,7 @@ impl Config {
                 let first = e.to_string().lines().last().unwrap_or_default().to_string();
                 bad(&format!("routes[{i}].match"), format!("bad regex: {first}"));
             }
-            if !["sip:", "sips:"]
-                .iter()
-                .any(|s| route.target.starts_with(s))
-            {
+            if !["sip:", "sips:"].iter().any(|s| route.target.starts_with(s)) {
                 bad(
                     &format!("routes[{i}].target"),
                     format!("{:?} is not a sip: URI", route.target),
@@ -581,15 +579,9 @@ mod tests {
         let text = err.to_string();
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines.contains(&"config: media.port_pool: start 20000 is not below end 10000"));
-        assert!(lines
-            .iter()
-            .any(|l| l.starts_with("config: logging.level:")));
-        assert!(lines
-            .iter()
-            .any(|l| l.starts_with("config: routes[0].match:")));
-        assert!(lines
-            .iter()
-            .any(|l| l.starts_with("config: routes[0].target:")));
+        assert!(lines.iter().any(|l| l.starts_with("config: logging.level:")));
+        assert!(lines.iter().any(|l| l.starts_with("config: routes[0].match:")));
+        assert!(lines.iter().any(|l| l.starts_with("config: routes[0].target:")));
         assert_eq!(lines.len(), 4, "{text}");
     }
 
