@@ -8,6 +8,13 @@
 //! any other source are dropped, not forwarded. A leg latches only once its
 //! SDP has been seen, so that packets sprayed at a ringing call's ports
 //! cannot claim its media before the phone does.
+//!
+//! Why one recvfrom and one sendto per packet (`benches/relay.rs`, 2-core
+//! shared VM): the kernel's UDP path is nearly all of the ~8 us a relayed
+//! packet costs, this code well under 5% of it. recvmmsg/sendmmsg batch per
+//! socket only, and a stream brings one packet per 20 ms, so at batch 1
+//! they measured no better than recvfrom+sendto; io_uring could save at
+//! most the system calls themselves, ~0.3-0.5 us each.
 
 use std::collections::HashMap;
 use std::io;
