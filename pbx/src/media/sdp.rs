@@ -101,11 +101,16 @@ pub struct Description {
 }
 
 impl Description {
-    /// The codec of the first live audio stream's first payload type.
+    /// The codec of the first live audio stream: its first payload type
+    /// that carries voice (an answer may list telephone-event first).
     pub fn codec(&self) -> Option<String> {
         let stream = self.streams.iter().find(|s| s.is_audio() && s.port != 0)?;
-        let pt = stream.formats.first()?;
-        stream.encoding(pt).map(str::to_string)
+        stream
+            .formats
+            .iter()
+            .filter_map(|pt| stream.encoding(pt))
+            .find(|name| !name.eq_ignore_ascii_case("telephone-event"))
+            .map(str::to_string)
     }
 }
 
@@ -448,6 +453,11 @@ a=rtpmap:99 H264/90000\r\n";
         let kept = d.streams[0].allowed_formats(&codecs(&["telephone-event", "pcmu"]));
         assert_eq!(kept, ["101", "0"]);
         assert!(d.streams[0].has_voice(&kept));
+        let answer = b"v=0\r\nc=IN IP4 192.0.2.1\r\nm=audio 4000 RTP/AVP 101 0\r\na=rtpmap:101 telephone-event/8000\r\n";
+        assert_eq!(
+            parse(answer).expect("valid").codec().as_deref(),
+            Some("PCMU")
+        );
     }
 
     #[test]
