@@ -227,12 +227,7 @@ impl RelayMedia {
             *slot = self.add_stream(id, index, &session.counters).ok();
         }
         let ports = slot.as_mut()?;
-        let remote = remote_of(stream).and_then(|r| {
-            Some(Remote {
-                rtp: self.relay.socket_form(r.rtp)?,
-                rtcp: self.relay.socket_form(r.rtcp)?,
-            })
-        });
+        let remote = remote_of(stream);
         if let Some(last) = ports.remote.get_mut(from) {
             let relatch = matches!((*last, remote), (Some(l), Some(r)) if l != r);
             *last = remote.or(*last);

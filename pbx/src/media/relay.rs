@@ -197,22 +197,6 @@ impl Relay {
         Ok(socket.into())
     }
 
-    /// The form in which this relay's sockets see `addr`: IPv4 peers of a
-    /// dual-stack socket appear as IPv4-mapped IPv6 addresses.
-    pub fn socket_form(&self, addr: SocketAddr) -> Option<SocketAddr> {
-        match (self.dual_stack, addr.ip()) {
-            (true, IpAddr::V4(v4)) => Some(SocketAddr::new(
-                IpAddr::V6(v4.to_ipv6_mapped()),
-                addr.port(),
-            )),
-            (true, IpAddr::V6(_)) => Some(addr),
-            (false, IpAddr::V4(_)) => Some(addr),
-            (false, IpAddr::V6(v6)) => v6
-                .to_ipv4_mapped()
-                .map(|v4| SocketAddr::new(IpAddr::V4(v4), addr.port())),
-        }
-    }
-
     /// Which thread carries a session.
     pub fn thread_of(&self, session: MediaSessionId) -> usize {
         usize::try_from(session.0).unwrap_or_default() % self.workers.len()
@@ -262,6 +246,13 @@ impl Relay {
         remote: Option<Remote>,
         relatch: bool,
     ) {
+        let form = |addr| socket_form(self.dual_stack, addr);
+        let remote = remote.and_then(|r| {
+            Some(Remote {
+                rtp: form(r.rtp)?,
+                rtcp: form(r.rtcp)?,
+            })
+        });
         self.send(
             session,
             Command::Remote {
@@ -305,6 +296,22 @@ impl Drop for Relay {
                 tracing::error!("a media relay thread panicked");
             }
         }
+    }
+}
+
+/// The form in which the relay's sockets see `addr`: IPv4 peers of a
+/// dual-stack socket appear as IPv4-mapped IPv6 addresses; an IPv6 peer is
+/// out of reach of an IPv4-only relay.
+fn socket_form(dual_stack: bool, addr: SocketAddr) -> Option<SocketAddr> {
+    match (dual_stack, addr.ip()) {
+        (true, IpAddr::V4(v4)) => Some(SocketAddr::new(
+            IpAddr::V6(v4.to_ipv6_mapped()),
+            addr.port(),
+        )),
+        (true, IpAddr::V6(_)) | (false, IpAddr::V4(_)) => Some(addr),
+        (false, IpAddr::V6(v6)) => v6
+            .to_ipv4_mapped()
+            .map(|v4| SocketAddr::new(IpAddr::V4(v4), addr.port())),
     }
 }
 
@@ -698,5 +705,34 @@ impl Thread {
                     .send(MediaEvent::RtpTimeout(MediaSessionId(session)));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("literal")
+    }
+
+    #[test]
+    fn addresses_take_the_form_the_sockets_see() {
+        let v4 = addr("192.0.2.1:4000");
+        let mapped = addr("[::ffff:192.0.2.1]:4000");
+        let v6 = addr("[2001:db8::1]:4000");
+        assert_eq!(socket_form(true, v4), Some(mapped));
+        assert_eq!(socket_form(true, v6), Some(v6));
+        assert_eq!(socket_form(false, v4), Some(v4));
+        assert_eq!(socket_form(false, mapped), Some(v4));
+        assert_eq!(socket_form(false, v6), None);
+    }
+
+    #[test]
+    fn tokens_keep_slot_leg_and_kind_apart() {
+        let t = token(12345, 1, 0);
+        assert_eq!(t >> 2, 12345);
+        assert_eq!(t & 2, 2);
+        assert_eq!(t & 1, 0);
     }
 }
