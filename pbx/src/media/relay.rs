@@ -526,7 +526,11 @@ impl Thread {
                 return 0;
             }
             Some(_) => {}
-            None if input.signalled => input.latched = Some(source),
+            None if input.signalled => {
+                let even = entry.ports.get(leg).copied().unwrap_or_default();
+                tracing::debug!(port = even + kind as u16, %source, "media: latched");
+                input.latched = Some(source);
+            }
             None => {
                 bump(&entry.counters.dropped, 1);
                 return 0;
@@ -703,6 +707,7 @@ impl Thread {
                 established |= stream.channels.iter().all(|[rtp, _]| rtp.signalled);
             }
             if established && now.duration_since(last) >= self.rtp_timeout {
+                tracing::info!(session, "media: no RTP for rtp_timeout");
                 entry.fired = true;
                 let _ = self
                     .events
