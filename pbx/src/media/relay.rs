@@ -16,12 +16,12 @@
 //! they measured no better than recvfrom+sendto. io_uring (recv and
 //! sendmsg for 256 sockets a batch) measured 5-15% cheaper, about the cost
 //! of the two system calls it saves, but needs a ring written by hand here
-//! and is refused by the default seccomp profiles of container runtimes,
-//! which a PBX pod runs under. Sockets are not
-//! connect()ed to the latched peer, though send() then measured 0.3-0.7 us
-//! cheaper than sendto(): connecting pins the socket's local address to
-//! the route's source address, and a multi-homed node whose phones send to
-//! another of its addresses would lose their media.
+//! and is refused by the default seccomp profiles of Docker and containerd
+//! (a pod's RuntimeDefault). Sockets are not connect()ed to the latched
+//! peer, though send() then measured 0.3-0.7 us cheaper than sendto():
+//! connecting pins the socket's local address to the route's source
+//! address, and a multi-homed node whose phones send to another of its
+//! addresses would lose their media.
 
 use std::collections::HashMap;
 use std::io;
