@@ -306,3 +306,37 @@ impl SessionMedia for RelayMedia {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_stream(body: &str) -> Stream {
+        let description = sdp::parse(body.as_bytes()).expect("valid");
+        description.streams.into_iter().next().expect("one m-line")
+    }
+
+    #[test]
+    fn rtcp_goes_to_a_rtcp_or_the_next_port() {
+        let explicit = first_stream(
+            "v=0\r\nc=IN IP4 192.0.2.1\r\nm=audio 4000 RTP/AVP 0\r\na=rtcp:5000 IN IP4 192.0.2.9\r\n",
+        );
+        let remote = remote_of(&explicit).expect("address");
+        assert_eq!(remote.rtp, "192.0.2.1:4000".parse().expect("literal"));
+        assert_eq!(remote.rtcp, "192.0.2.9:5000".parse().expect("literal"));
+        let implicit = first_stream("v=0\r\nc=IN IP4 192.0.2.1\r\nm=audio 4000 RTP/AVP 0\r\n");
+        let remote = remote_of(&implicit).expect("address");
+        assert_eq!(remote.rtcp, "192.0.2.1:4001".parse().expect("literal"));
+    }
+
+    #[test]
+    fn no_usable_address_means_no_remote() {
+        for body in [
+            "v=0\r\nc=IN IP4 0.0.0.0\r\nm=audio 4000 RTP/AVP 0\r\n",
+            "v=0\r\nc=IN IP4 pbx.example\r\nm=audio 4000 RTP/AVP 0\r\n",
+            "v=0\r\nc=IN IP4 192.0.2.1\r\nm=audio 65535 RTP/AVP 0\r\n",
+        ] {
+            assert_eq!(remote_of(&first_stream(body)), None, "{body}");
+        }
+    }
+}
