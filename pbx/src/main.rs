@@ -10,7 +10,8 @@ use sip_pbx::b2bua::routing::NoRegistrations;
 use sip_pbx::config::{Config, MediaMode, LOG_LEVELS};
 use sip_pbx::events::EventBus;
 use sip_pbx::logging::{self, TrafficLog};
-use sip_pbx::media::DirectMedia;
+use sip_pbx::media::{DirectMedia, MediaStats, RelayMedia, SessionMedia};
+use sip_pbx::metrics::Metrics;
 use sip_pbx::observers;
 use sip_pbx::server::{self, CoreParts};
 use sip_pbx::status::PbxStatus;
@@ -99,16 +100,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let observers = observers::start(&config, &mut bus, Arc::clone(&status), shutdown)
         .await
         .context("observers")?;
-    let (_media_tx, media_events) = tokio::sync::mpsc::unbounded_channel();
-    if config.media.mode == MediaMode::Bypass {
-        tracing::warn!(
-            "media.mode bypass: relay not available in this build, media flows end to end"
-        );
-    }
+    let (media_tx, media_events) = tokio::sync::mpsc::unbounded_channel();
+    let media: Box<dyn SessionMedia> = match config.media.mode {
+        MediaMode::Direct => Box::new(DirectMedia::default()),
+        MediaMode::Bypass => {
+            let advertised = server::advertised_address(&config);
+            let relay = RelayMedia::new(&config.media, advertised, Arc::clone(&status), media_tx)
+                .context("media relay")?;
+            spawn_packet_metrics(relay.stats(), observers.metrics.clone());
+            Box::new(relay)
+        }
+    };
     spawn_signal_drain(Arc::clone(&status));
     let core = server::run(CoreParts {
         config,
-        media: Box::new(DirectMedia::default()),
+        media,
         media_events,
         locator: Arc::new(NoRegistrations),
         bus,
@@ -121,6 +127,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     stop.send_replace(true);
     observers.join().await;
     core
+}
+
+/// Feeds the relay's packet count into `sip_pbx_media_packets_total`.
+fn spawn_packet_metrics(stats: MediaStats, metrics: Metrics) {
+    tokio::spawn(async move {
+        let mut reported = 0;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let total = stats.packets_total();
+            metrics.media_packets(total.saturating_sub(reported));
+            reported = total;
+        }
+    });
 }
 
 /// SIGTERM (Kubernetes, preStop) and SIGINT (a terminal) start a drain.

@@ -1058,7 +1058,8 @@ impl B2bua {
         let key = self
             .calls
             .values()
-            .find(|c| c.media == session && c.outcome.is_none())
+            // Early media may be silent; only answered calls time out.
+            .find(|c| c.media == session && c.outcome.is_none() && c.answered.is_some())
             .map(|c| c.key);
         if let Some(key) = key {
             self.hang_up(key, None, EndReason::RtpTimeout, txl, now);

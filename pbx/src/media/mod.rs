@@ -3,6 +3,14 @@
 //! them through untouched; `bypass` (the relay) maps every stream onto the
 //! PBX's port pool.
 
+pub mod bypass;
+pub mod port_pool;
+pub mod relay;
+pub mod sdp;
+
+pub use bypass::{MediaStats, RelayMedia};
+pub use relay::MediaCounters;
+
 use bytes::Bytes;
 
 /// The caller's leg (A) or the callee's leg (B) of a call.

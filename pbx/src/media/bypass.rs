@@ -1,0 +1,342 @@
+//! `media.mode: bypass`: the `SessionMedia` the B2BUA uses when RTP flows
+//! through the PBX. It owns the calls' media bookkeeping on the signalling
+//! side (which m-line uses which ports, where each leg said to send, the
+//! settled codec) and drives the relay threads with quick, non-blocking
+//! commands.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::port_pool::PortPool;
+use super::relay::{Counters, MediaCounters, Relay, Remote};
+use super::sdp::{self, Action, Description, Direction, Stream};
+use super::{LegSide, MediaError, MediaEvent, MediaSessionId, SdpRole, SessionMedia};
+use crate::config::MediaConfig;
+use crate::status::PbxStatus;
+
+/// The relay as the B2BUA sees it.
+#[derive(Debug)]
+pub struct RelayMedia {
+    codecs: Vec<String>,
+    advertised: IpAddr,
+    pool: Arc<PortPool>,
+    relay: Relay,
+    next: u64,
+    sessions: HashMap<MediaSessionId, Session>,
+    stats: MediaStats,
+}
+
+/// The relay's figures, readable from anywhere (metrics, HTTP, CDR) while
+/// the B2BUA owns the `RelayMedia`.
+#[derive(Debug, Clone)]
+pub struct MediaStats {
+    packets: Arc<AtomicU64>,
+    sessions: Arc<Mutex<HashMap<MediaSessionId, Arc<Counters>>>>,
+}
+
+impl MediaStats {
+    /// Packets relayed since start, for `sip_pbx_media_packets_total`.
+    pub fn packets_total(&self) -> u64 {
+        self.packets.load(Ordering::Relaxed)
+    }
+
+    /// Packets and bytes a call relayed so far; `None` once it is closed,
+    /// so read it for the CDR before `close`.
+    pub fn counters(&self, session: MediaSessionId) -> Option<MediaCounters> {
+        self.sessions().get(&session).map(|c| c.snapshot())
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<MediaSessionId, Arc<Counters>>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    /// By m-line index; `None` where no ports were ever given.
+    streams: Vec<Option<StreamPorts>>,
+    codec: Option<String>,
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug)]
+struct StreamPorts {
+    /// The PBX's even port facing leg A and leg B.
+    ports: [u16; 2],
+    /// What each leg's SDP last said, to see when a leg moves.
+    remote: [Option<Remote>; 2],
+}
+
+/// m-lines of one call the relay carries (audio, video, a second video or
+/// T.38): a body listing hundreds must not empty the pool.
+const MAX_STREAMS: usize = 4;
+
+/// What one m-line asks for; `Relay` carries the codec-filtered payload
+/// types of an offer's audio.
+enum Wanted {
+    Keep,
+    Reject,
+    Relay(Option<Vec<String>>),
+}
+
+fn leg_index(leg: LegSide) -> usize {
+    match leg {
+        LegSide::A => 0,
+        LegSide::B => 1,
+    }
+}
+
+/// Where a stream's SDP says to send its RTP and RTCP; `None` when it gives
+/// no usable address (a host name, or 0.0.0.0 for "do not send").
+fn remote_of(stream: &Stream) -> Option<Remote> {
+    let addr = stream.addr.filter(|a| !a.is_unspecified())?;
+    let (rtcp_port, rtcp_addr) = match stream.rtcp {
+        Some((port, addr)) => (port, addr),
+        None => (stream.port.checked_add(1)?, None),
+    };
+    Some(Remote {
+        rtp: SocketAddr::new(addr, stream.port),
+        rtcp: SocketAddr::new(rtcp_addr.unwrap_or(addr), rtcp_port),
+    })
+}
+
+impl RelayMedia {
+    /// One relay thread per core.
+    pub fn new(
+        config: &MediaConfig,
+        advertised: IpAddr,
+        status: Arc<PbxStatus>,
+        events: UnboundedSender<MediaEvent>,
+    ) -> io::Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_threads(config, advertised, status, events, threads)
+    }
+
+    pub fn with_threads(
+        config: &MediaConfig,
+        advertised: IpAddr,
+        status: Arc<PbxStatus>,
+        events: UnboundedSender<MediaEvent>,
+        threads: usize,
+    ) -> io::Result<Self> {
+        let pool = Arc::new(PortPool::new(config.port_pool, status));
+        let timeout = Duration::from_secs(config.rtp_timeout);
+        let relay = Relay::start(threads, pool.clone(), timeout, events)?;
+        let stats = MediaStats {
+            packets: relay.packets(),
+            sessions: Arc::default(),
+        };
+        Ok(Self {
+            codecs: config.codecs.clone(),
+            advertised,
+            pool,
+            relay,
+            next: 0,
+            sessions: HashMap::new(),
+            stats,
+        })
+    }
+
+    /// A handle on the relay's counters.
+    pub fn stats(&self) -> MediaStats {
+        self.stats.clone()
+    }
+
+    /// Binds both legs of a new stream and hands them to the relay.
+    fn add_stream(
+        &self,
+        session: MediaSessionId,
+        index: usize,
+        counters: &Arc<Counters>,
+    ) -> Result<StreamPorts, MediaError> {
+        let a = self.relay.bind_pair(&self.pool)?;
+        let b = match self.relay.bind_pair(&self.pool) {
+            Ok(b) => b,
+            Err(e) => {
+                let (port, sockets) = a;
+                drop(sockets);
+                self.pool.release(port);
+                return Err(e);
+            }
+        };
+        let ports = [a.0, b.0];
+        self.relay.add(session, index, [a, b], counters.clone());
+        Ok(StreamPorts {
+            ports,
+            remote: [None, None],
+        })
+    }
+
+    /// What each m-line asks for, decided before any port is taken so that
+    /// a refused offer holds nothing: offers' audio is cut to `media.codecs`.
+    fn wanted(&self, description: &Description, role: SdpRole) -> Result<Vec<Wanted>, MediaError> {
+        let mut audio_offered = false;
+        let mut voice_kept = false;
+        let wanted = description
+            .streams
+            .iter()
+            .enumerate()
+            .map(|(index, stream)| {
+                if stream.port == 0 {
+                    return Wanted::Keep;
+                }
+                if index >= MAX_STREAMS || !stream.relayable() {
+                    return Wanted::Reject;
+                }
+                if role == SdpRole::Answer || !stream.is_audio() {
+                    return Wanted::Relay(None);
+                }
+                audio_offered = true;
+                let kept = stream.allowed_formats(&self.codecs);
+                if !stream.has_voice(&kept) {
+                    return Wanted::Reject;
+                }
+                voice_kept = true;
+                Wanted::Relay(Some(kept))
+            })
+            .collect();
+        if audio_offered && !voice_kept {
+            return Err(MediaError::NoCommonCodec);
+        }
+        Ok(wanted)
+    }
+
+    /// The port the other leg is to send this m-line to (`None`: refuse the
+    /// stream), registering where `from` wants media.
+    fn plan_stream(
+        &self,
+        session: &mut Session,
+        id: MediaSessionId,
+        index: usize,
+        stream: &Stream,
+        from: usize,
+        role: SdpRole,
+    ) -> Option<u16> {
+        if session.streams.len() <= index {
+            session.streams.resize_with(index + 1, || None);
+        }
+        let slot = session.streams.get_mut(index)?;
+        if slot.is_none() && role == SdpRole::Offer {
+            *slot = self.add_stream(id, index, &session.counters).ok();
+        }
+        let ports = slot.as_mut()?;
+        let remote = remote_of(stream);
+        if let Some(last) = ports.remote.get_mut(from) {
+            let relatch = matches!((*last, remote), (Some(l), Some(r)) if l != r);
+            *last = remote.or(*last);
+            self.relay.set_remote(id, index, from, remote, relatch);
+        }
+        ports.ports.get(1 - from).copied()
+    }
+}
+
+impl SessionMedia for RelayMedia {
+    fn open(&mut self) -> Result<MediaSessionId, MediaError> {
+        self.next += 1;
+        let id = MediaSessionId(self.next);
+        let counters = Arc::new(Counters::default());
+        let first = self.add_stream(id, 0, &counters)?;
+        self.stats.sessions().insert(id, counters.clone());
+        self.sessions.insert(
+            id,
+            Session {
+                streams: vec![Some(first)],
+                codec: None,
+                counters,
+            },
+        );
+        Ok(id)
+    }
+
+    fn relay_sdp(
+        &mut self,
+        id: MediaSessionId,
+        from: LegSide,
+        role: SdpRole,
+        sdp: Bytes,
+    ) -> Result<Bytes, MediaError> {
+        let description = sdp::parse(&sdp)?;
+        let wanted = self.wanted(&description, role)?;
+        let mut session = self
+            .sessions
+            .remove(&id)
+            .ok_or_else(|| MediaError::BadSdp(format!("no media session {}", id.0)))?;
+        let from = leg_index(from);
+        let actions: Vec<Action> = wanted
+            .into_iter()
+            .zip(&description.streams)
+            .enumerate()
+            .map(|(index, (want, stream))| match want {
+                Wanted::Keep => Action::Keep,
+                Wanted::Reject => Action::Reject,
+                Wanted::Relay(formats) => {
+                    match self.plan_stream(&mut session, id, index, stream, from, role) {
+                        Some(port) => Action::Relay { port, formats },
+                        None => Action::Reject,
+                    }
+                }
+            })
+            .collect();
+        let result = sdp::rewrite(&sdp, self.advertised, &actions);
+        if result.is_ok() && role == SdpRole::Answer {
+            session.codec = description.codec();
+            let live: Vec<&Stream> = description.streams.iter().filter(|s| s.port != 0).collect();
+            let held = !live.is_empty() && live.iter().all(|s| s.direction != Direction::SendRecv);
+            self.relay.pause(id, held);
+        }
+        self.sessions.insert(id, session);
+        result.map(Bytes::from)
+    }
+
+    fn codec(&self, session: MediaSessionId) -> Option<String> {
+        self.sessions.get(&session).and_then(|s| s.codec.clone())
+    }
+
+    fn close(&mut self, session: MediaSessionId) {
+        if self.sessions.remove(&session).is_some() {
+            self.stats.sessions().remove(&session);
+            self.relay.remove(session);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_stream(body: &str) -> Stream {
+        let description = sdp::parse(body.as_bytes()).expect("valid");
+        description.streams.into_iter().next().expect("one m-line")
+    }
+
+    #[test]
+    fn rtcp_goes_to_a_rtcp_or_the_next_port() {
+        let explicit = first_stream(
+            "v=0\r\nc=IN IP4 192.0.2.1\r\nm=audio 4000 RTP/AVP 0\r\na=rtcp:5000 IN IP4 192.0.2.9\r\n",
+        );
+        let remote = remote_of(&explicit).expect("address");
+        assert_eq!(remote.rtp, "192.0.2.1:4000".parse().expect("literal"));
+        assert_eq!(remote.rtcp, "192.0.2.9:5000".parse().expect("literal"));
+        let implicit = first_stream("v=0\r\nc=IN IP4 192.0.2.1\r\nm=audio 4000 RTP/AVP 0\r\n");
+        let remote = remote_of(&implicit).expect("address");
+        assert_eq!(remote.rtcp, "192.0.2.1:4001".parse().expect("literal"));
+    }
+
+    #[test]
+    fn no_usable_address_means_no_remote() {
+        for body in [
+            "v=0\r\nc=IN IP4 0.0.0.0\r\nm=audio 4000 RTP/AVP 0\r\n",
+            "v=0\r\nc=IN IP4 pbx.example\r\nm=audio 4000 RTP/AVP 0\r\n",
+            "v=0\r\nc=IN IP4 192.0.2.1\r\nm=audio 65535 RTP/AVP 0\r\n",
+        ] {
+            assert_eq!(remote_of(&first_stream(body)), None, "{body}");
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! The bypass relay over real loopback sockets: UDP sockets play the two
+//! phones of a call and talk through the PBX's ports.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sip_pbx::config::{MediaConfig, PortRange};
+use sip_pbx::media::{
+    sdp, LegSide, MediaCounters, MediaError, MediaEvent, MediaSessionId, RelayMedia, SdpRole,
+    SessionMedia,
+};
+use sip_pbx::status::PbxStatus;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+const WAIT: Duration = Duration::from_secs(3);
+
+struct Pbx {
+    media: RelayMedia,
+    events: UnboundedReceiver<MediaEvent>,
+    status: Arc<PbxStatus>,
+    ip: IpAddr,
+}
+
+/// Each test takes its own pool range, below the ephemeral ports the phones get.
+fn pbx(start: u16, end: u16, rtp_timeout: u64, ip: &str) -> Pbx {
+    let config = MediaConfig {
+        port_pool: PortRange { start, end },
+        rtp_timeout,
+        ..MediaConfig::default()
+    };
+    let status = Arc::new(PbxStatus::default());
+    let (tx, events) = unbounded_channel();
+    let ip: IpAddr = ip.parse().expect("test address");
+    let media = RelayMedia::with_threads(&config, ip, status.clone(), tx, 2).expect("relay");
+    Pbx {
+        media,
+        events,
+        status,
+        ip,
+    }
+}
+
+/// A phone's RTP and RTCP sockets.
+struct Phone {
+    rtp: UdpSocket,
+    rtcp: UdpSocket,
+}
+
+fn phone(ip: IpAddr) -> Phone {
+    let bind = || {
+        let s = UdpSocket::bind(SocketAddr::new(ip, 0)).expect("bind phone");
+        s.set_read_timeout(Some(WAIT)).expect("timeout");
+        s
+    };
+    Phone {
+        rtp: bind(),
+        rtcp: bind(),
+    }
+}
+
+impl Phone {
+    fn port(&self) -> u16 {
+        self.rtp.local_addr().expect("addr").port()
+    }
+
+    fn sdp(&self, extra: &str) -> Bytes {
+        let ip = self.rtp.local_addr().expect("addr").ip();
+        let kind = if ip.is_ipv4() { "IP4" } else { "IP6" };
+        let rtcp = self.rtcp.local_addr().expect("addr").port();
+        Bytes::from(format!(
+            "v=0\r\no=- 1 1 IN {kind} {ip}\r\ns=-\r\nc=IN {kind} {ip}\r\nt=0 0\r\n\
+             m=audio {} RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n\
+             a=rtcp:{rtcp}\r\n{extra}",
+            self.port()
+        ))
+    }
+}
+
+/// The audio port an SDP body the PBX produced tells the receiver to use.
+fn audio_port(body: &[u8]) -> u16 {
+    sdp::parse(body).expect("PBX SDP parses").streams[0].port
+}
+
+/// An answered call: phones A and B, the SDP offer B got, and the PBX
+/// ports facing A and B.
+struct Call {
+    pbx: Pbx,
+    ip: IpAddr,
+    a: Phone,
+    b: Phone,
+    id: MediaSessionId,
+    offer: Bytes,
+    to_a: u16,
+    to_b: u16,
+}
+
+impl Call {
+    /// A sends to the PBX; B must receive exactly that.
+    fn a_to_b(&self, payload: &[u8]) {
+        send(&self.a.rtp, self.ip, self.to_a, payload);
+        assert_eq!(receive(&self.b.rtp), payload);
+    }
+
+    fn b_to_a(&self, payload: &[u8]) {
+        send(&self.b.rtp, self.ip, self.to_b, payload);
+        assert_eq!(receive(&self.a.rtp), payload);
+    }
+
+    /// The call's counters once `ready` holds: the relay counts a packet
+    /// once it is sent, so just after it may have arrived.
+    fn counters_once(&self, ready: impl Fn(&MediaCounters) -> bool) -> MediaCounters {
+        let stats = self.pbx.media.stats();
+        let mut last = None;
+        wait_until("the session counters", || {
+            last = stats.counters(self.id);
+            last.as_ref().is_some_and(&ready)
+        });
+        last.expect("wait_until returned")
+    }
+}
+
+fn call(start: u16, end: u16, rtp_timeout: u64, ip: &str) -> Call {
+    let mut pbx = pbx(start, end, rtp_timeout, ip);
+    let ip = pbx.ip;
+    let (a, b) = (phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(""))
+        .expect("offer");
+    let answer = pbx
+        .media
+        .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(""))
+        .expect("answer");
+    let (to_a, to_b) = (audio_port(&answer), audio_port(&offer));
+    Call {
+        pbx,
+        ip,
+        a,
+        b,
+        id,
+        offer,
+        to_a,
+        to_b,
+    }
+}
+
+fn send(socket: &UdpSocket, ip: IpAddr, port: u16, payload: &[u8]) {
+    socket
+        .send_to(payload, SocketAddr::new(ip, port))
+        .expect("send");
+}
+
+fn receive(socket: &UdpSocket) -> Vec<u8> {
+    let mut buffer = vec![0u8; 65536];
+    let (n, _) = socket.recv_from(&mut buffer).expect("packet within WAIT");
+    buffer.truncate(n);
+    buffer
+}
+
+fn rtp(seq: u16, size: usize) -> Vec<u8> {
+    let mut packet = vec![0x80, 0x00];
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend((0..size).map(|i| (i % 251) as u8));
+    packet
+}
+
+/// Polls `done` until it holds, failing the test past WAIT.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn next_event(events: &mut UnboundedReceiver<MediaEvent>) -> MediaEvent {
+    let mut event = None;
+    wait_until("a media event", || {
+        event = events.try_recv().ok();
+        event.is_some()
+    });
+    event.expect("wait_until returned")
+}
+
+#[test]
+fn rtp_and_rtcp_flow_both_ways_with_payloads_intact() {
+    let mut c = call(25000, 25099, 60, "127.0.0.1");
+    assert_eq!(c.to_a % 2, 0);
+    assert_eq!(c.to_b % 2, 0);
+    for seq in 0..50 {
+        let forth = rtp(seq, 160);
+        c.a_to_b(&forth);
+        let back = rtp(seq + 1000, 172);
+        c.b_to_a(&back);
+    }
+    send(&c.a.rtcp, c.ip, c.to_a + 1, b"rtcp from a");
+    assert_eq!(receive(&c.b.rtcp), b"rtcp from a");
+    send(&c.b.rtcp, c.ip, c.to_b + 1, b"rtcp from b");
+    assert_eq!(receive(&c.a.rtcp), b"rtcp from b");
+
+    let counters = c.counters_once(|n| n.b_to_a_packets == 51);
+    assert_eq!(counters.a_to_b_packets, 51);
+    assert_eq!(counters.a_to_b_bytes, 50 * 164 + 11);
+    assert_eq!(counters.dropped, 0);
+    let stats = c.pbx.media.stats();
+    wait_until("the global counter", || stats.packets_total() == 102);
+    assert_eq!(c.pbx.media.codec(c.id).as_deref(), Some("PCMU"));
+    c.pbx.media.close(c.id);
+}
+
+#[test]
+fn a_re_offer_moving_the_far_end_keeps_ports_and_follows_it() {
+    let mut c = call(25100, 25199, 60, "127.0.0.1");
+    c.b_to_a(b"latch b");
+
+    let moved = phone(c.ip);
+    let reoffer = c
+        .pbx
+        .media
+        .relay_sdp(
+            c.id,
+            LegSide::B,
+            SdpRole::Offer,
+            moved.sdp("a=sendonly\r\n"),
+        )
+        .expect("re-offer");
+    assert_eq!(audio_port(&reoffer), c.to_a, "same m-line, same port");
+    assert!(String::from_utf8_lossy(&reoffer).contains("a=sendonly\r\n"));
+    let reanswer = c
+        .pbx
+        .media
+        .relay_sdp(c.id, LegSide::A, SdpRole::Answer, c.a.sdp("a=recvonly\r\n"))
+        .expect("re-answer");
+    assert_eq!(audio_port(&reanswer), c.to_b);
+
+    send(&c.a.rtp, c.ip, c.to_a, b"to the new port");
+    assert_eq!(receive(&moved.rtp), b"to the new port");
+    send(&moved.rtp, c.ip, c.to_b, b"from the new port");
+    assert_eq!(receive(&c.a.rtp), b"from the new port");
+    send(&c.b.rtp, c.ip, c.to_b, b"old address, now a stranger");
+    send(&moved.rtp, c.ip, c.to_b, b"still the new port");
+    assert_eq!(receive(&c.a.rtp), b"still the new port");
+    c.pbx.media.close(c.id);
+}
+
+#[test]
+fn packets_from_a_stranger_after_latching_are_dropped() {
+    let mut c = call(25200, 25299, 60, "127.0.0.1");
+    let stranger = phone(c.ip);
+    c.a_to_b(b"first");
+    send(&stranger.rtp, c.ip, c.to_a, b"injected");
+    c.a_to_b(b"second");
+    assert_eq!(c.counters_once(|n| n.a_to_b_packets == 2).dropped, 1);
+    c.pbx.media.close(c.id);
+}
+
+#[test]
+fn an_exhausted_pool_refuses_calls_until_one_ends() {
+    // Four pairs: two calls of two legs each.
+    let mut pbx = pbx(25300, 25307, 60, "127.0.0.1");
+    assert_eq!(pbx.status.ports_capacity.load(Ordering::Relaxed), 8);
+    let first = pbx.media.open().expect("first call");
+    let _second = pbx.media.open().expect("second call");
+    assert_eq!(pbx.status.ports_in_use.load(Ordering::Relaxed), 8);
+    assert_eq!(pbx.media.open(), Err(MediaError::PoolExhausted));
+    assert_eq!(pbx.status.ports_in_use.load(Ordering::Relaxed), 8);
+    pbx.media.close(first);
+    let status = pbx.status.clone();
+    wait_until("ports back", || {
+        status.ports_in_use.load(Ordering::Relaxed) == 4
+    });
+    pbx.media.open().expect("a call after one ended");
+}
+
+#[test]
+fn silence_past_rtp_timeout_is_reported_and_close_frees_ports() {
+    let Call { mut pbx, id, .. } = call(25400, 25499, 1, "127.0.0.1");
+    let ringing = pbx.media.open().expect("a call still ringing");
+    let started = Instant::now();
+    assert_eq!(next_event(&mut pbx.events), MediaEvent::RtpTimeout(id));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    pbx.media.close(id);
+    pbx.media.close(ringing);
+    let status = pbx.status.clone();
+    wait_until("ports back", || {
+        status.ports_in_use.load(Ordering::Relaxed) == 0
+    });
+    assert!(
+        pbx.events.try_recv().is_err(),
+        "one event, for the answered call"
+    );
+}
+
+#[test]
+fn offers_without_an_allowed_codec_are_refused() {
+    let mut pbx = pbx(25500, 25599, 60, "127.0.0.1");
+    let id = pbx.media.open().expect("open");
+    let g729 = Bytes::from_static(
+        b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=video 4002 RTP/AVP 99\r\nm=audio 4000 RTP/AVP 18 101\r\na=rtpmap:101 telephone-event/8000\r\n",
+    );
+    assert_eq!(
+        pbx.media.relay_sdp(id, LegSide::A, SdpRole::Offer, g729),
+        Err(MediaError::NoCommonCodec)
+    );
+    assert_eq!(
+        pbx.status.ports_in_use.load(Ordering::Relaxed),
+        4,
+        "the refused offer took no ports for its video"
+    );
+    let garbage = Bytes::from_static(b"\xff\xfe not sdp");
+    assert!(matches!(
+        pbx.media.relay_sdp(id, LegSide::A, SdpRole::Offer, garbage),
+        Err(MediaError::BadSdp(_))
+    ));
+    pbx.media.close(id);
+}
+
+#[test]
+fn ipv6_phones_are_relayed() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    }
+    let mut c = call(25600, 25699, 60, "::1");
+    assert!(String::from_utf8_lossy(&c.offer).contains("c=IN IP6 ::1\r\n"));
+    c.a_to_b(b"over ipv6");
+    c.b_to_a(b"and back");
+    c.pbx.media.close(c.id);
+}
+
+#[test]
+fn unreadable_packets_and_unknown_sessions_do_not_disturb_the_relay() {
+    let mut c = call(25700, 25799, 60, "127.0.0.1");
+    c.a_to_b(b"");
+    let big = vec![7u8; 9000];
+    c.a_to_b(&big);
+    let unknown = MediaSessionId(999_999);
+    assert!(c
+        .pbx
+        .media
+        .relay_sdp(unknown, LegSide::A, SdpRole::Offer, c.a.sdp(""))
+        .is_err());
+    c.pbx.media.close(unknown);
+    c.pbx.media.close(c.id);
+}
+
+fn video_line(phone: &Phone) -> String {
+    format!(
+        "m=video {} RTP/AVP 99\r\na=rtpmap:99 H264/90000\r\n",
+        phone.port()
+    )
+}
+
+fn ports(body: &[u8]) -> Vec<u16> {
+    let description = sdp::parse(body).expect("PBX SDP parses");
+    description.streams.iter().map(|s| s.port).collect()
+}
+
+#[test]
+fn video_is_relayed_on_ports_of_its_own() {
+    let mut pbx = pbx(25800, 25899, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, b, video_a, video_b) = (phone(ip), phone(ip), phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&video_line(&video_a)))
+        .expect("offer");
+    let answer = pbx
+        .media
+        .relay_sdp(
+            id,
+            LegSide::B,
+            SdpRole::Answer,
+            b.sdp(&video_line(&video_b)),
+        )
+        .expect("answer");
+    let (offered, answered) = (ports(&offer), ports(&answer));
+    assert_eq!(offered.len(), 2);
+    assert!(offered[1] != 0 && offered[1] != offered[0]);
+    send(&video_a.rtp, ip, answered[1], b"frame from a");
+    assert_eq!(receive(&video_b.rtp), b"frame from a");
+    send(&video_b.rtp, ip, offered[1], b"frame from b");
+    assert_eq!(receive(&video_a.rtp), b"frame from b");
+    send(&a.rtp, ip, answered[0], b"voice");
+    assert_eq!(receive(&b.rtp), b"voice");
+    pbx.media.close(id);
+}
+
+#[test]
+fn video_is_refused_with_port_zero_when_the_pool_is_empty() {
+    // Two pairs: the audio of one call and nothing more.
+    let mut pbx = pbx(25900, 25903, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, video_a) = (phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&video_line(&video_a)))
+        .expect("offer");
+    let offered = ports(&offer);
+    assert!(offered[0] != 0);
+    assert_eq!(offered[1], 0);
+    assert!(String::from_utf8_lossy(&offer).contains("a=rtpmap:99 H264/90000\r\n"));
+    pbx.media.close(id);
+}
+
+#[test]
+fn a_call_on_hold_is_not_timed_out_until_it_resumes() {
+    let Call {
+        mut pbx, a, b, id, ..
+    } = call(26000, 26099, 1, "127.0.0.1");
+    let mut exchange = |from_a: &str, from_b: &str| {
+        pbx.media
+            .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(from_a))
+            .expect("re-offer");
+        pbx.media
+            .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(from_b))
+            .expect("re-answer");
+    };
+    exchange("a=sendonly\r\n", "a=recvonly\r\n");
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_millis(1600) {
+        assert!(pbx.events.try_recv().is_err(), "timed out while held");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    exchange("a=sendrecv\r\n", "");
+    let resumed = Instant::now();
+    assert_eq!(next_event(&mut pbx.events), MediaEvent::RtpTimeout(id));
+    assert!(resumed.elapsed() >= Duration::from_millis(900));
+}
+
+/// The way the B2BUA holds it: boxed behind the trait, called from tokio
+/// tasks, its events awaited on the channel.
+#[tokio::test]
+async fn the_b2bua_drives_it_from_tokio_tasks() {
+    let config = MediaConfig {
+        port_pool: PortRange {
+            start: 26100,
+            end: 26199,
+        },
+        rtp_timeout: 1,
+        ..MediaConfig::default()
+    };
+    let status = Arc::new(PbxStatus::default());
+    let (tx, mut events) = unbounded_channel();
+    let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+    let relay = RelayMedia::new(&config, ip, status, tx).expect("relay");
+    let stats = relay.stats();
+    let media: Arc<std::sync::Mutex<Box<dyn SessionMedia>>> =
+        Arc::new(std::sync::Mutex::new(Box::new(relay)));
+    let (a, b) = (phone(ip), phone(ip));
+    let (offer, answer) = (a.sdp(""), b.sdp(""));
+    let task = tokio::spawn({
+        let media = media.clone();
+        async move {
+            let mut media = media.lock().expect("lock");
+            let id = media.open()?;
+            media.relay_sdp(id, LegSide::A, SdpRole::Offer, offer)?;
+            media.relay_sdp(id, LegSide::B, SdpRole::Answer, answer)?;
+            Ok::<_, MediaError>(id)
+        }
+    });
+    let id = task.await.expect("task").expect("call set up");
+    assert_eq!(stats.counters(id), Some(Default::default()));
+    let event = tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("event within WAIT");
+    assert_eq!(event, Some(MediaEvent::RtpTimeout(id)));
+    media.lock().expect("lock").close(id);
+    assert_eq!(stats.counters(id), None);
+}
+
+#[test]
+fn a_body_listing_many_streams_cannot_empty_the_pool() {
+    let Call { mut pbx, a, id, .. } = call(26200, 26299, 60, "127.0.0.1");
+    let many: String = (0..20).map(|_| video_line(&a)).collect();
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&many))
+        .expect("offer");
+    let offered = ports(&offer);
+    assert_eq!(offered.len(), 21);
+    assert_eq!(offered.iter().filter(|&&p| p != 0).count(), 4);
+    assert_eq!(pbx.status.ports_in_use.load(Ordering::Relaxed), 4 * 2 * 2);
+    pbx.media.close(id);
+}
+
+#[test]
+fn packets_before_a_legs_sdp_cannot_claim_its_media() {
+    let mut pbx = pbx(26300, 26399, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, b, stranger) = (phone(ip), phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(""))
+        .expect("offer");
+    let to_b = audio_port(&offer);
+    send(&stranger.rtp, ip, to_b, b"sprayed while ringing");
+    wait_until("the sprayed packet dropped", || {
+        pbx.media.stats().counters(id).expect("session").dropped == 1
+    });
+    let answer = pbx
+        .media
+        .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(""))
+        .expect("answer");
+    send(&b.rtp, ip, to_b, b"the real callee");
+    assert_eq!(receive(&a.rtp), b"the real callee");
+    send(&a.rtp, ip, audio_port(&answer), b"reaches the callee");
+    assert_eq!(receive(&b.rtp), b"reaches the callee");
+    pbx.media.close(id);
+}
