@@ -230,6 +230,11 @@ fn take_ready(first: Option<&CdrRecord>, events: &mut Subscription) -> Vec<CdrRe
     records
 }
 
+/// How long a record may wait to be written with others.
+const WRITE_BATCH: Duration = Duration::from_millis(100);
+/// A batch this large is written at once.
+const WRITE_BATCH_RECORDS: usize = 256;
+
 async fn run(
     writer: Arc<Mutex<Writer>>,
     mut events: Subscription,
@@ -239,17 +244,44 @@ async fn run(
 ) {
     let mut tick = tokio::time::interval(sync_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Records wait up to WRITE_BATCH to be written together: one trip to
+    // the blocking pool per batch rather than per call, well inside the
+    // one second a crash may lose.
+    let mut pending: Vec<CdrRecord> = Vec::new();
+    let mut write_at: Option<tokio::time::Instant> = None;
     loop {
+        let batch_due = async {
+            match write_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             received = events.recv() => {
                 let Some(envelope) = received else { break };
                 let first = CdrRecord::from_envelope(&envelope);
                 let records = take_ready(first.as_ref(), &mut events);
                 records.iter().for_each(|r| recent.push(r.clone()));
-                on_blocking(&writer, move |w| w.accept(records)).await;
+                pending.extend(records);
+                if pending.len() >= WRITE_BATCH_RECORDS {
+                    write_at = None;
+                    write(&writer, std::mem::take(&mut pending)).await;
+                } else if write_at.is_none() && !pending.is_empty() {
+                    write_at = Some(tokio::time::Instant::now() + WRITE_BATCH);
+                }
+            }
+            () = batch_due => {
+                write_at = None;
+                write(&writer, std::mem::take(&mut pending)).await;
             }
             _ = tick.tick() => {
-                on_blocking(&writer, Writer::tick).await;
+                write_at = None;
+                let records = std::mem::take(&mut pending);
+                on_blocking(&writer, move |w| {
+                    w.accept(records);
+                    w.tick();
+                })
+                .await;
             }
             _ = stopped(&mut shutdown) => break,
         }
@@ -257,9 +289,14 @@ async fn run(
     // Events published before shutdown still get their records.
     let records = take_ready(None, &mut events);
     records.iter().for_each(|r| recent.push(r.clone()));
+    pending.extend(records);
     on_blocking(&writer, move |w| {
-        w.accept(records);
+        w.accept(pending);
         w.tick();
     })
     .await;
+}
+
+async fn write(writer: &Arc<Mutex<Writer>>, records: Vec<CdrRecord>) {
+    on_blocking(writer, move |w| w.accept(records)).await;
 }
