@@ -156,6 +156,29 @@ impl Pbx {
         stats["active_calls"].as_u64().expect("active_calls")
     }
 
+    /// Every CDR record written so far, each line parsed (a line that does
+    /// not parse fails the test).
+    pub fn cdr_records(&self) -> Vec<serde_json::Value> {
+        cdr_records_in(&self.dir.path().join("cdr"))
+    }
+
+    /// Waits for `n` CDR records.
+    pub fn wait_cdrs(&self, n: usize) -> Vec<serde_json::Value> {
+        let mut records = Vec::new();
+        wait_until(Duration::from_secs(10), "CDR records", || {
+            records = self.cdr_records();
+            records.len() >= n
+        });
+        records
+    }
+
+    /// `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let (status, body) = http_request(self.metrics_port, "GET", "/metrics", "");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     /// Waits for the PBX to exit by itself and returns how.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let mut status = None;
@@ -183,6 +206,22 @@ impl Drop for Pbx {
             eprintln!("---- sip-pbx log ----\n{}", self.log());
         }
     }
+}
+
+/// The records of every `.jsonl` file in `dir`, each line parsed.
+pub fn cdr_records_in(dir: &Path) -> Vec<serde_json::Value> {
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "jsonl") {
+            let text = std::fs::read_to_string(entry.path()).expect("CDR file");
+            for line in text.lines() {
+                let record = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("CDR line does not parse ({e}): {line}"));
+                records.push(record);
+            }
+        }
+    }
+    records
 }
 
 /// A minimal HTTP/1.1 client for the PBX's API.
