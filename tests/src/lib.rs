@@ -462,6 +462,68 @@ impl SipClient {
     }
 }
 
+impl SipClient {
+    /// The next request from the PBX, which must be a `method`.
+    pub fn expect_request(&self, method: &str) -> String {
+        let text = self
+            .recv(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no {method} from the PBX"));
+        assert!(
+            text.starts_with(&format!("{method} ")),
+            "expected {method}, got:\n{text}"
+        );
+        text
+    }
+}
+
+/// A response from a raw user agent at `me` to `request` (text), with a
+/// To tag and, when given, an SDP body.
+pub fn response_to(request: &str, status: &str, me: SocketAddr, sdp: Option<&str>) -> Vec<u8> {
+    let copy = |name: &str| format!("{name}: {}\r\n", header(request, name).unwrap_or_default());
+    let to = header(request, "To").unwrap_or_default();
+    let tag = if to.contains("tag=") {
+        ""
+    } else {
+        ";tag=raw-ua"
+    };
+    let body = sdp.unwrap_or_default();
+    let content_type = if sdp.is_some() {
+        "Content-Type: application/sdp\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "SIP/2.0 {status}\r\n{}{}To: {to}{tag}\r\n{}{}Contact: <sip:ua@{me}>\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+        copy("Via"),
+        copy("From"),
+        copy("Call-ID"),
+        copy("CSeq"),
+        body.len(),
+    )
+    .into_bytes()
+}
+
+/// An audio SDP offering PCMU, PCMA and telephone-event on `rtp_port`.
+pub fn audio_sdp(rtp_port: u16, codecs: &str) -> String {
+    format!(
+        "v=0\r\no=ua 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {rtp_port} RTP/AVP {codecs}\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:18 G729/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n"
+    )
+}
+
+/// The address and port of the first audio stream of a message's SDP.
+pub fn sdp_audio_target(message: &str) -> Option<SocketAddr> {
+    let ip = message
+        .lines()
+        .find_map(|l| l.strip_prefix("c=IN IP4 "))?
+        .trim();
+    let port = message
+        .lines()
+        .find_map(|l| l.strip_prefix("m=audio "))?
+        .split_whitespace()
+        .next()?;
+    format!("{ip}:{port}").parse().ok()
+}
+
 /// The status code of a response's text.
 pub fn status_code(text: &str) -> Option<u16> {
     text.strip_prefix("SIP/2.0 ")?.get(..3)?.parse().ok()

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use sip_pbx_e2e::{
-    assert_sipp_ok, free_port, header, status_code, wait_until, Pbx, SipClient, Sipp,
+    assert_sipp_ok, free_port, header, response_to, status_code, wait_until, Pbx, SipClient, Sipp,
 };
 
 const CALL_LIMIT: Duration = Duration::from_secs(30);
@@ -106,37 +106,6 @@ fn callee_that_never_answers_gets_cancelled_and_caller_480() {
     );
 }
 
-/// A response to `request` (text) from a raw callee, with our tag.
-fn answer(request: &str, code: &str, me: std::net::SocketAddr) -> Vec<u8> {
-    let copy = |name: &str| format!("{name}: {}\r\n", header(request, name).unwrap_or_default());
-    let to = header(request, "To").unwrap_or_default();
-    let tag = if to.contains("tag=") {
-        String::new()
-    } else {
-        ";tag=callee".to_string()
-    };
-    format!(
-        "SIP/2.0 {code}\r\n{}{}To: {to}{tag}\r\n{}{}Contact: <sip:callee@{me}>\r\nContent-Length: 0\r\n\r\n",
-        copy("Via"),
-        copy("From"),
-        copy("Call-ID"),
-        copy("CSeq"),
-    )
-    .into_bytes()
-}
-
-/// Waits for the next request (skipping anything else) from the PBX.
-fn next_request(client: &SipClient, method: &str) -> String {
-    let text = client
-        .recv(Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no {method} from the PBX"));
-    assert!(
-        text.starts_with(&format!("{method} ")),
-        "expected {method}, got:\n{text}"
-    );
-    text
-}
-
 #[test]
 fn repeated_200_from_callee_is_acknowledged_again() {
     let callee = SipClient::new();
@@ -150,20 +119,20 @@ fn repeated_200_from_callee_is_acknowledged_again() {
                 .run()
         }
     });
-    let invite = next_request(&callee, "INVITE");
-    let ok = answer(&invite, "200 OK", me);
+    let invite = callee.expect_request("INVITE");
+    let ok = response_to(&invite, "200 OK", me, None);
     callee.send(&ok, pbx.sip_addr());
-    let first_ack = next_request(&callee, "ACK");
+    let first_ack = callee.expect_request("ACK");
     // As if the ACK had been lost: the callee repeats its 200.
     callee.send(&ok, pbx.sip_addr());
-    let second_ack = next_request(&callee, "ACK");
+    let second_ack = callee.expect_request("ACK");
     assert_eq!(
         header(&first_ack, "CSeq"),
         header(&second_ack, "CSeq"),
         "the same ACK again"
     );
-    let bye = next_request(&callee, "BYE");
-    callee.send(&answer(&bye, "200 OK", me), pbx.sip_addr());
+    let bye = callee.expect_request("BYE");
+    callee.send(&response_to(&bye, "200 OK", me, None), pbx.sip_addr());
     let run = caller.join().expect("caller thread");
     assert_sipp_ok(&run, "caller");
     assert_no_calls_left(&pbx);

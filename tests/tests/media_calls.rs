@@ -1,0 +1,328 @@
+//! Calls through the real `sip-pbx` with `media.mode: bypass`: raw SIP
+//! endpoints send real RTP and RTCP through the PBX's port pool.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use sip_pbx_e2e::{
+    audio_sdp, header, response_to, sdp_audio_target, status_code, wait_until, Pbx, SipClient,
+};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn bypass(extra: &str) -> String {
+    format!("media:\n  mode: bypass\n  port_pool: {{start: 31000, end: 31999}}\n  rtp_timeout: 30\n{extra}")
+}
+
+/// An RTP/RTCP socket pair on consecutive ports.
+fn media_pair() -> (UdpSocket, UdpSocket) {
+    loop {
+        let rtp = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = rtp.local_addr().expect("addr").port();
+        if port % 2 == 0 {
+            if let Ok(rtcp) = UdpSocket::bind(("127.0.0.1", port + 1)) {
+                for s in [&rtp, &rtcp] {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))
+                        .expect("timeout");
+                }
+                return (rtp, rtcp);
+            }
+        }
+    }
+}
+
+/// An established call between a raw caller and a raw callee.
+struct Call<'a> {
+    caller: SipClient,
+    callee: &'a SipClient,
+    a: (UdpSocket, UdpSocket),
+    b: (UdpSocket, UdpSocket),
+    /// Where the caller's media goes (the PBX's A-leg port).
+    to_pbx_from_a: SocketAddr,
+    /// Where the callee's media goes (the PBX's B-leg port).
+    to_pbx_from_b: SocketAddr,
+    invite_at_b: String,
+    ok_at_a: String,
+    pbx: SocketAddr,
+}
+
+fn invite(pbx: SocketAddr, caller: &SipClient, sdp: &str, call_id: &str) -> String {
+    let me = caller.addr();
+    format!(
+        "INVITE sip:1002@{pbx} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{call_id}1;rport\r\nMax-Forwards: 70\r\nFrom: <sip:1001@{me}>;tag=a1\r\nTo: <sip:1002@{pbx}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@{me}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    )
+}
+
+/// An in-dialog request from the caller, built from the 200 it received.
+fn caller_request(call: &Call<'_>, method: &str, cseq: u32, sdp: Option<&str>) -> String {
+    let me = call.caller.addr();
+    let ok = &call.ok_at_a;
+    let target = header(ok, "Contact")
+        .unwrap_or_default()
+        .trim_matches(['<', '>']);
+    let body = sdp.unwrap_or_default();
+    let ct = if sdp.is_some() {
+        "Content-Type: application/sdp\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "{method} {target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{method}{cseq};rport\r\nMax-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {cseq} {method}\r\nContact: <sip:1001@{me}>\r\n{ct}Content-Length: {}\r\n\r\n{body}",
+        header(ok, "From").unwrap_or_default(),
+        header(ok, "To").unwrap_or_default(),
+        header(ok, "Call-ID").unwrap_or_default(),
+        body.len()
+    )
+}
+
+fn establish<'a>(
+    pbx: &Pbx,
+    callee: &'a SipClient,
+    codecs: &str,
+    call_id: &str,
+) -> Result<Call<'a>, u16> {
+    let caller = SipClient::new();
+    let a = media_pair();
+    let b = media_pair();
+    let a_port = a.0.local_addr().expect("addr").port();
+    let b_port = b.0.local_addr().expect("addr").port();
+    caller.send(
+        invite(pbx.sip_addr(), &caller, &audio_sdp(a_port, codecs), call_id).as_bytes(),
+        pbx.sip_addr(),
+    );
+    // Either the callee is offered the call or the caller is refused.
+    let mut invite_at_b = None;
+    wait_until(LIMIT, "the INVITE to reach the callee or a refusal", || {
+        if let Some(text) = callee.recv(Duration::from_millis(20)) {
+            invite_at_b = Some(text);
+            return true;
+        }
+        caller.recv(Duration::from_millis(20)).is_some_and(|text| {
+            let code = status_code(&text).unwrap_or(100);
+            if code >= 200 {
+                invite_at_b = Some(text);
+            }
+            code >= 200
+        })
+    });
+    let invite_at_b = invite_at_b.expect("INVITE or refusal");
+    if let Some(code) = status_code(&invite_at_b) {
+        return Err(code);
+    }
+    let to_pbx_from_b = sdp_audio_target(&invite_at_b).expect("SDP in the callee's INVITE");
+    callee.send(
+        &response_to(
+            &invite_at_b,
+            "200 OK",
+            callee.addr(),
+            Some(&audio_sdp(b_port, "0 101")),
+        ),
+        pbx.sip_addr(),
+    );
+    let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");
+    assert_eq!(code, 200, "{ok_at_a}");
+    let to_pbx_from_a = sdp_audio_target(&ok_at_a).expect("SDP in the 200");
+    let call = Call {
+        caller,
+        callee,
+        a,
+        b,
+        to_pbx_from_a,
+        to_pbx_from_b,
+        invite_at_b,
+        ok_at_a,
+        pbx: pbx.sip_addr(),
+    };
+    call.caller
+        .send(caller_request(&call, "ACK", 1, None).as_bytes(), call.pbx);
+    call.callee.expect_request("ACK");
+    Ok(call)
+}
+
+fn rtp(seq: u16, marker: u8) -> Vec<u8> {
+    let mut packet = vec![0x80, 0x00];
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend_from_slice(&[0, 0, 0, 160, 0x11, 0x22, 0x33, 0x44]);
+    packet.extend(std::iter::repeat_n(marker, 160));
+    packet
+}
+
+fn receive(socket: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = [0u8; 2048];
+    let (len, from) = socket.recv_from(&mut buf).ok()?;
+    Some((buf[..len].to_vec(), from))
+}
+
+fn hang_up(call: &Call<'_>) {
+    call.caller
+        .send(caller_request(call, "BYE", 2, None).as_bytes(), call.pbx);
+    let bye = call.callee.expect_request("BYE");
+    call.callee.send(
+        &response_to(&bye, "200 OK", call.callee.addr(), None),
+        call.pbx,
+    );
+    let (code, _) = call.caller.final_response(LIMIT).expect("200 to BYE");
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn rtp_and_rtcp_cross_the_relay_both_ways_and_strangers_are_dropped() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let call = establish(&pbx, &callee, "0 8 101", "relay-1").expect("answered");
+    assert_ne!(call.to_pbx_from_a.port(), 0);
+    assert_eq!(call.to_pbx_from_a.ip().to_string(), "127.0.0.1");
+    assert!(call.invite_at_b.contains("c=IN IP4 127.0.0.1"));
+
+    for seq in 0..50u16 {
+        call.a
+            .0
+            .send_to(&rtp(seq, 0xA0), call.to_pbx_from_a)
+            .expect("send");
+        let (got, from) = receive(&call.b.0).expect("RTP at the callee");
+        assert_eq!(got, rtp(seq, 0xA0), "payload intact");
+        assert_eq!(from, call.to_pbx_from_b, "from the PBX's B-leg port");
+        call.b
+            .0
+            .send_to(&rtp(seq, 0xB0), call.to_pbx_from_b)
+            .expect("send");
+        let (got, _) = receive(&call.a.0).expect("RTP at the caller");
+        assert_eq!(got, rtp(seq, 0xB0));
+    }
+    let rtcp_to = SocketAddr::new(call.to_pbx_from_a.ip(), call.to_pbx_from_a.port() + 1);
+    call.a
+        .1
+        .send_to(b"\x81\xc8\x00\x06rtcp-sender-report", rtcp_to)
+        .expect("send");
+    let (got, _) = receive(&call.b.1).expect("RTCP at the callee's odd port");
+    assert_eq!(got, b"\x81\xc8\x00\x06rtcp-sender-report");
+
+    let stranger = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    stranger
+        .send_to(&rtp(999, 0xEE), call.to_pbx_from_a)
+        .expect("send");
+    call.a
+        .0
+        .send_to(&rtp(51, 0xA0), call.to_pbx_from_a)
+        .expect("send");
+    let (got, _) = receive(&call.b.0).expect("the caller's next packet");
+    assert_eq!(
+        got,
+        rtp(51, 0xA0),
+        "the stranger's packet was not forwarded"
+    );
+    hang_up(&call);
+    wait_until(LIMIT, "ports back in the pool", || {
+        pbx.http_get("/api/stats").1.contains("\"ports_in_use\":0")
+    });
+}
+
+#[test]
+fn hold_by_reinvite_keeps_direction_and_follows_the_new_port() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let call = establish(&pbx, &callee, "0 101", "hold-1").expect("answered");
+    let (moved, _) = media_pair();
+    let moved_port = moved.local_addr().expect("addr").port();
+    let hold = audio_sdp(moved_port, "0 101").replace("a=sendrecv", "a=sendonly");
+    call.caller.send(
+        caller_request(&call, "INVITE", 3, Some(&hold)).as_bytes(),
+        call.pbx,
+    );
+    let reinvite = call.callee.expect_request("INVITE");
+    assert!(reinvite.contains("a=sendonly"), "{reinvite}");
+    assert_eq!(
+        sdp_audio_target(&reinvite),
+        Some(call.to_pbx_from_b),
+        "same relay port"
+    );
+    let answer = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0 101")
+        .replace("a=sendrecv", "a=recvonly");
+    call.callee.send(
+        &response_to(&reinvite, "200 OK", call.callee.addr(), Some(&answer)),
+        call.pbx,
+    );
+    let (code, ok) = call.caller.final_response(LIMIT).expect("200 to re-INVITE");
+    assert_eq!(code, 200);
+    assert!(ok.contains("a=recvonly"), "{ok}");
+    call.caller
+        .send(caller_request(&call, "ACK", 3, None).as_bytes(), call.pbx);
+    call.callee.expect_request("ACK");
+    moved
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    call.b
+        .0
+        .send_to(&rtp(7, 0xB0), call.to_pbx_from_b)
+        .expect("send");
+    let (got, _) = receive(&moved).expect("RTP at the caller's new port");
+    assert_eq!(got, rtp(7, 0xB0));
+}
+
+#[test]
+fn offer_is_filtered_to_the_configured_codecs_and_488_without_one() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let call = establish(&pbx, &callee, "18 8 0 101", "codecs-1").expect("answered");
+    let m_line = call
+        .invite_at_b
+        .lines()
+        .find(|l| l.starts_with("m=audio"))
+        .expect("m=");
+    assert!(m_line.ends_with("RTP/AVP 0 8 101"), "{m_line}");
+    assert!(!call.invite_at_b.contains("G729"));
+    hang_up(&call);
+    match establish(&pbx, &callee, "18", "codecs-2") {
+        Err(code) => assert_eq!(code, 488),
+        Ok(_) => panic!("a G.729-only offer was accepted"),
+    }
+}
+
+#[test]
+fn exhausted_port_pool_answers_503() {
+    let callee = SipClient::new();
+    // Four even/odd pairs: two calls of two legs each.
+    let pbx = Pbx::start(
+        callee.addr().port(),
+        "media:\n  mode: bypass\n  port_pool: {start: 32000, end: 32007}\n",
+    );
+    let first = establish(&pbx, &callee, "0", "pool-1").expect("first call");
+    let second = establish(&pbx, &callee, "0", "pool-2").expect("second call");
+    match establish(&pbx, &callee, "0", "pool-3") {
+        Err(code) => assert_eq!(code, 503),
+        Ok(_) => panic!("a third call got media ports from a pool of two calls"),
+    }
+    hang_up(&first);
+    wait_until(LIMIT, "the first call's ports back", || {
+        pbx.http_get("/api/stats").1.contains("\"ports_in_use\":4")
+    });
+    let third = establish(&pbx, &callee, "0", "pool-4").expect("a call after ports came back");
+    hang_up(&second);
+    hang_up(&third);
+}
+
+#[test]
+fn silent_call_ends_at_rtp_timeout_with_bye_on_both_legs() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(
+        callee.addr().port(),
+        "media:\n  mode: bypass\n  port_pool: {start: 33000, end: 33999}\n  rtp_timeout: 1\n",
+    );
+    let call = establish(&pbx, &callee, "0", "silent-1").expect("answered");
+    let bye_b = call.callee.expect_request("BYE");
+    call.callee.send(
+        &response_to(&bye_b, "200 OK", call.callee.addr(), None),
+        call.pbx,
+    );
+    let bye_a = call.caller.expect_request("BYE");
+    call.caller.send(
+        &response_to(&bye_a, "200 OK", call.caller.addr(), None),
+        call.pbx,
+    );
+    let records = pbx.wait_cdrs(1);
+    assert_eq!(records[0]["end_reason"], "rtp_timeout");
+    wait_until(LIMIT, "ports back in the pool", || {
+        pbx.http_get("/api/stats").1.contains("\"ports_in_use\":0")
+    });
+}
