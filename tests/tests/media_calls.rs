@@ -19,7 +19,7 @@ fn media_pair() -> (UdpSocket, UdpSocket) {
     loop {
         let rtp = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let port = rtp.local_addr().expect("addr").port();
-        if port % 2 == 0 {
+        if port.is_multiple_of(2) {
             if let Ok(rtcp) = UdpSocket::bind(("127.0.0.1", port + 1)) {
                 for s in [&rtp, &rtcp] {
                     s.set_read_timeout(Some(Duration::from_secs(2)))
