@@ -108,14 +108,15 @@ fn remote_of(stream: &Stream) -> Option<Remote> {
 }
 
 impl RelayMedia {
-    /// One relay thread per core.
+    /// One relay thread per core but one, which is left to signalling.
     pub fn new(
         config: &MediaConfig,
         advertised: IpAddr,
         status: Arc<PbxStatus>,
         events: UnboundedSender<MediaEvent>,
     ) -> io::Result<Self> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads =
+            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
         Self::with_threads(config, advertised, status, events, threads)
     }
 
