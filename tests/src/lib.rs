@@ -293,6 +293,12 @@ impl Sipp {
         }
     }
 
+    /// Writes a file (an audio file for `rtp_stream`) where SIPp runs.
+    pub fn file(self, name: &str, contents: &[u8]) -> Sipp {
+        std::fs::write(self._dir.path().join(name), contents).expect("write SIPp file");
+        self
+    }
+
     pub fn arg(mut self, arg: impl AsRef<std::ffi::OsStr>) -> Sipp {
         self.command.arg(arg);
         self

@@ -326,3 +326,53 @@ fn silent_call_ends_at_rtp_timeout_with_bye_on_both_legs() {
         pbx.http_get("/api/stats").1.contains("\"ports_in_use\":0")
     });
 }
+
+/// Two seconds of a PCMU tone as a WAV file (format 7: G.711 mu-law).
+fn tone_wav() -> Vec<u8> {
+    let samples: Vec<u8> = (0..16_000u32).map(|i| if i % 16 < 8 { 0x10 } else { 0x90 }).collect();
+    let mut wav = Vec::new();
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + samples.len() as u32).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    for v in [7u16, 1] {
+        wav.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [8000u32, 8000] {
+        wav.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [1u16, 8] {
+        wav.extend_from_slice(&v.to_le_bytes());
+    }
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&(samples.len() as u32).to_le_bytes());
+    wav.extend_from_slice(&samples);
+    wav
+}
+
+fn relayed_packets(pbx: &Pbx) -> f64 {
+    pbx.metrics()
+        .lines()
+        .find(|l| l.starts_with("sip_pbx_media_packets_total"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_default()
+}
+
+#[test]
+fn sipp_rtp_stream_is_echoed_back_through_the_relay() {
+    let uas_port = sip_pbx_e2e::free_port();
+    let pbx = Pbx::start(uas_port, &bypass(""));
+    let echo_port = sip_pbx_e2e::free_port() & !1;
+    let uas = sip_pbx_e2e::Sipp::new("uas_answer.xml", uas_port)
+        .args(["-m", "1", "-rtp_echo", "-mp", &echo_port.to_string()])
+        .spawn(uas_port);
+    let uac = sip_pbx_e2e::Sipp::new("uac_rtp.xml", sip_pbx_e2e::free_port())
+        .file("tone.wav", &tone_wav())
+        .args(["-m", "1", "-s", "1002", "-mp", &(sip_pbx_e2e::free_port() & !1).to_string()])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    sip_pbx_e2e::assert_sipp_ok(&uac, "caller streaming RTP");
+    sip_pbx_e2e::assert_sipp_ok(&uas.finish(LIMIT), "callee echoing RTP");
+    // 2 s at 50 packets/s out, echoed back: both directions cross the relay.
+    wait_until(LIMIT, "relayed packets counted", || relayed_packets(&pbx) >= 150.0);
+}
