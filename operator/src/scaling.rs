@@ -30,6 +30,14 @@ pub struct History {
 }
 
 impl History {
+    /// A history that starts with `replicas` at `now`: an operator that just
+    /// started (or took over) waits a full window before scaling in.
+    pub fn starting(now: Instant, replicas: i32) -> Self {
+        History {
+            entries: vec![(now, replicas)],
+        }
+    }
+
     /// Records `recommendation` at `now` and returns the replicas to use: the
     /// highest recommendation inside the last `window` (so scale-up is
     /// immediate and scale-down waits until the window has seen only lower
@@ -65,7 +73,8 @@ pub fn desired_replicas(
         a.min_replicas,
         a.max_replicas,
     );
-    let window = Duration::from_secs(u64::try_from(a.scale_down_stabilization_seconds).unwrap_or(0));
+    let window =
+        Duration::from_secs(u64::try_from(a.scale_down_stabilization_seconds).unwrap_or(0));
     history.stabilize(now, window, recommendation)
 }
 
@@ -151,17 +160,33 @@ mod tests {
     }
 
     #[test]
+    fn new_history_holds_current_replicas_for_a_window() {
+        let t0 = Instant::now();
+        let window = Duration::from_secs(60);
+        let mut h = History::starting(t0, 4);
+        assert_eq!(h.stabilize(t0 + Duration::from_secs(30), window, 1), 4);
+        assert_eq!(h.stabilize(t0 + Duration::from_secs(61), window, 1), 1);
+    }
+
+    #[test]
     fn zero_window_follows_recommendation() {
         let t0 = Instant::now();
         let mut h = History::default();
         assert_eq!(h.stabilize(t0, Duration::ZERO, 5), 5);
-        assert_eq!(h.stabilize(t0 + Duration::from_secs(1), Duration::ZERO, 2), 2);
+        assert_eq!(
+            h.stabilize(t0 + Duration::from_secs(1), Duration::ZERO, 2),
+            2
+        );
     }
 
     #[test]
     fn desired_replicas_uses_spec_or_policy() {
         let mut spec: SipPbxSpec = serde_json::from_str(r#"{"replicas": 3}"#).expect("spec");
-        let pods = [pod("a", Some(120), false), pod("b", Some(30), false), pod("c", None, false)];
+        let pods = [
+            pod("a", Some(120), false),
+            pod("b", Some(30), false),
+            pod("c", None, false),
+        ];
         let mut h = History::default();
         let now = Instant::now();
         assert_eq!(desired_replicas(&spec, &pods, &mut h, now), 3);

@@ -47,8 +47,14 @@ pub fn validate(spec: &SipPbxSpec) -> Vec<Problem> {
     let c = &spec.config;
     let ports = [
         ("spec.config.sip.listenPort", c.sip.listen_port),
-        ("spec.config.monitoring.healthCheckPort", c.monitoring.health_check_port),
-        ("spec.config.monitoring.prometheusPort", c.monitoring.prometheus_port),
+        (
+            "spec.config.monitoring.healthCheckPort",
+            c.monitoring.health_check_port,
+        ),
+        (
+            "spec.config.monitoring.prometheusPort",
+            c.monitoring.prometheus_port,
+        ),
         ("spec.config.media.portPool.start", c.media.port_pool.start),
         ("spec.config.media.portPool.end", c.media.port_pool.end),
     ];

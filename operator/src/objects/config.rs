@@ -10,7 +10,7 @@ use crate::crd::SipPbx;
 /// File name of the config inside the ConfigMap and its mount.
 pub const CONFIG_FILE: &str = "config.yaml";
 /// Where the ConfigMap is mounted.
-pub const CONFIG_DIR: &str = "/etc/sip-pbx";
+pub const CONFIG_DIR: &str = "/etc/sip-pbx/config";
 /// Where the users Secret is mounted.
 pub const USERS_DIR: &str = "/etc/sip-pbx/users";
 /// File name of the users list inside its mount.
@@ -46,7 +46,12 @@ pub fn render_config(pbx: &SipPbx) -> Result<String, ConfigError> {
     })?;
     let mut config = snake_keys(camel);
     if spec.users_secret_ref.is_some() {
-        set(&mut config, "auth", "users_file", format!("{USERS_DIR}/{USERS_FILE}"));
+        set(
+            &mut config,
+            "auth",
+            "users_file",
+            format!("{USERS_DIR}/{USERS_FILE}"),
+        );
     }
     set(
         &mut config,
@@ -55,10 +60,20 @@ pub fn render_config(pbx: &SipPbx) -> Result<String, ConfigError> {
         format!("{ADMIN_DIR}/{}", super::ADMIN_TOKEN_KEY),
     );
     set(&mut config, "cdr", "output_dir", CDR_DIR);
-    set(&mut config, "cdr", "retention_days", spec.cdr.retention_days);
+    set(
+        &mut config,
+        "cdr",
+        "retention_days",
+        spec.cdr.retention_days,
+    );
     set(&mut config, "events", "spool_dir", SPOOL_DIR);
     set(&mut config, "logging", "output", "stdout");
-    set(&mut config, "drain", "timeout_seconds", spec.drain.timeout_seconds);
+    set(
+        &mut config,
+        "drain",
+        "timeout_seconds",
+        spec.drain.timeout_seconds,
+    );
     serde_norway::to_string(&config).map_err(|source| ConfigError::Yaml {
         name: pbx.name_any(),
         source,
@@ -140,7 +155,10 @@ spec:
         assert_eq!(v["routes"][0]["match"], "^9(\\d+)$");
         assert_eq!(v["monitoring"]["health_check_port"], 8081);
         assert_eq!(v["monitoring"]["prometheus_port"], 9090);
-        assert_eq!(v["monitoring"]["admin_token_file"], "/etc/sip-pbx/admin/token");
+        assert_eq!(
+            v["monitoring"]["admin_token_file"],
+            "/etc/sip-pbx/admin/token"
+        );
         assert_eq!(v["auth"]["users_file"], "/etc/sip-pbx/users/users.yaml");
         assert_eq!(v["cdr"]["output_dir"], CDR_DIR);
         assert_eq!(v["cdr"]["retention_days"], 30);

@@ -9,15 +9,17 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodAffinityTerm,
-    PodSpec, PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodAffinityTerm, PodSpec,
+    PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
-use super::config::{ADMIN_DIR, CDR_DIR, CONFIG_DIR, CONFIG_FILE, SPOOL_DIR, USERS_DIR, USERS_FILE};
+use super::config::{
+    ADMIN_DIR, CDR_DIR, CONFIG_DIR, CONFIG_FILE, SPOOL_DIR, USERS_DIR, USERS_FILE,
+};
 use super::{meta, selector_labels, Names, HTTP_PORT_NAME};
 use crate::crd::{NetworkMode, SipPbx};
 
@@ -52,7 +54,11 @@ pub fn deployment(pbx: &SipPbx, replicas: i32, config: &str) -> Deployment {
     if cfg.sip.transport.tcp() {
         ports.push(port("sip-tcp", cfg.sip.listen_port, "TCP"));
     }
-    ports.push(port(HTTP_PORT_NAME, cfg.monitoring.health_check_port, "TCP"));
+    ports.push(port(
+        HTTP_PORT_NAME,
+        cfg.monitoring.health_check_port,
+        "TCP",
+    ));
     ports.push(port("metrics", cfg.monitoring.prometheus_port, "TCP"));
 
     let mut env = vec![EnvVar {
@@ -130,7 +136,10 @@ pub fn deployment(pbx: &SipPbx, replicas: i32, config: &str) -> Deployment {
         name: "pbx".into(),
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
-        args: Some(vec!["--config".into(), format!("{CONFIG_DIR}/{CONFIG_FILE}")]),
+        args: Some(vec![
+            "--config".into(),
+            format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+        ]),
         ports: Some(ports),
         env: Some(env),
         volume_mounts: Some(mounts),

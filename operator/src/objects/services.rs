@@ -19,7 +19,10 @@ pub fn services(pbx: &SipPbx) -> Vec<Service> {
         NetworkMode::Service => spec.network.service_type.as_str(),
     };
     let mut services = Vec::new();
-    for (protocol, wanted) in [("UDP", cfg.sip.transport.udp()), ("TCP", cfg.sip.transport.tcp())] {
+    for (protocol, wanted) in [
+        ("UDP", cfg.sip.transport.udp()),
+        ("TCP", cfg.sip.transport.tcp()),
+    ] {
         if wanted {
             let name = format!("sip-{}", protocol.to_lowercase());
             services.push(service(

@@ -20,7 +20,11 @@ pub fn cdr_claim(pbx: &SipPbx) -> Option<PersistentVolumeClaim> {
     }
     let storage = &spec.cdr.storage;
     Some(PersistentVolumeClaim {
-        metadata: meta(pbx, Names(&pbx.name_any()).cdr_claim(), !spec.cdr.keep_on_delete),
+        metadata: meta(
+            pbx,
+            Names(&pbx.name_any()).cdr_claim(),
+            !spec.cdr.keep_on_delete,
+        ),
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(
                 storage
