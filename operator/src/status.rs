@@ -94,11 +94,10 @@ fn status_str(ok: bool) -> &'static str {
 }
 
 fn ready(obs: &Observed) -> Cond {
+    let message = format!("{} of {} pods ready", obs.ready, obs.desired);
     if obs.ready >= obs.desired && obs.apply_error.is_none() {
-        let message = format!("{} of {} pods ready", obs.ready, obs.desired);
         (types::READY, true, "PodsReady", message)
     } else {
-        let message = format!("{} of {} pods ready", obs.ready, obs.desired);
         (types::READY, false, "PodsNotReady", message)
     }
 }
@@ -131,7 +130,8 @@ fn degraded(obs: &Observed) -> Cond {
         return (types::DEGRADED, true, "ApplyFailed", err.clone());
     }
     if obs.problems.is_empty() {
-        return (types::DEGRADED, false, "AsExpected", String::new());
+        let message = "the spec is valid and applied".to_string();
+        return (types::DEGRADED, false, "AsExpected", message);
     }
     let message = obs
         .problems
@@ -149,7 +149,8 @@ fn degraded(obs: &Observed) -> Cond {
 
 fn draining(obs: &Observed) -> Cond {
     if obs.draining.is_empty() {
-        (types::DRAINING, false, "NoDrain", String::new())
+        let message = "no pod is draining".to_string();
+        (types::DRAINING, false, "NoDrain", message)
     } else {
         let message = format!("draining {}", obs.draining.join(", "));
         (types::DRAINING, true, "ScaleIn", message)
