@@ -188,7 +188,7 @@ fn launch() -> Result<(Cluster, Vec<Child>), String> {
         &kcm,
         &[
             format!("--kubeconfig={}", admin_kubeconfig.display()),
-            "--controllers=deployment,replicaset,garbagecollector".into(),
+            "--controllers=deployment,replicaset,garbagecollector,pvc-protection".into(),
             "--leader-elect=false".into(),
             "--port=0".into(),
             "--secure-port=0".into(),

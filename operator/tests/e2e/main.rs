@@ -331,3 +331,362 @@ async fn apply_makes_every_object_and_ready_pods_make_it_ready() {
         .is_some());
     assert!(!op.log().contains("forbidden"), "{}", op.log());
 }
+
+async fn patch_spec(api: &Api<SipPbx>, name: &str, spec: serde_json::Value) {
+    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({ "spec": spec })))
+        .await
+        .expect("patch SipPbx spec");
+}
+
+async fn deployment_replicas(api: &Api<Deployment>, name: &str) -> Option<i32> {
+    api.get_opt(name).await.ok()??.spec?.replicas
+}
+
+fn template_hash(d: &Deployment) -> Option<String> {
+    d.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get("sip.pbx.dev/config-hash")
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_follow_edits_and_kubectl_scale() {
+    let client = cluster().admin().await;
+    let ns = "edits";
+    namespace(&client, ns).await;
+    let _op = Operator::start(ns, "op-1").await;
+    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
+    let spec = json!({"replicas": 1, "drain": {"timeoutSeconds": 30}});
+    pbxes
+        .create(&PostParams::default(), &sippbx("pbx", spec))
+        .await
+        .expect("create");
+    let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let before = eventually("Deployment", WAIT, || async { deploy.get_opt("pbx").await.ok().flatten() }).await;
+    let hash = template_hash(&before).expect("config hash annotation");
+
+    // A config change lands in the ConfigMap and rolls the pods (new hash).
+    patch_spec(&pbxes, "pbx", json!({"config": {"sip": {"maxConcurrentCalls": 20}}})).await;
+    eventually("new config hash", WAIT, || async {
+        let d = deploy.get("pbx").await.ok()?;
+        (template_hash(&d)? != hash).then_some(())
+    })
+    .await;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get("pbx-config")
+        .await
+        .expect("ConfigMap");
+    let config = cm.data.and_then(|d| d.get("config.yaml").cloned()).unwrap_or_default();
+    assert!(config.contains("max_concurrent_calls: 20"), "{config}");
+    eventually("ConfigChanged event", WAIT, || async {
+        events(&client, ns).await.iter().any(|r| r == "ConfigChanged").then_some(())
+    })
+    .await;
+
+    // transport: both adds the TCP Service; back to udp removes it.
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    patch_spec(&pbxes, "pbx", json!({"config": {"sip": {"transport": "both"}}})).await;
+    eventually("TCP Service", WAIT, || async { svcs.get_opt("pbx-sip-tcp").await.ok().flatten() }).await;
+    patch_spec(&pbxes, "pbx", json!({"config": {"sip": {"transport": "udp"}}})).await;
+    eventually("TCP Service removed", WAIT, || async {
+        svcs.get_opt("pbx-sip-tcp").await.ok()?.is_none().then_some(())
+    })
+    .await;
+
+    // spec.replicas, then the scale subresource (what `kubectl scale sippbx` calls).
+    patch_spec(&pbxes, "pbx", json!({"replicas": 3})).await;
+    eventually("3 replicas", WAIT, || async {
+        (deployment_replicas(&deploy, "pbx").await? == 3).then_some(())
+    })
+    .await;
+    pbxes
+        .patch_scale("pbx", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 2}})))
+        .await
+        .expect("scale subresource");
+    eventually("2 replicas after scale", WAIT, || async {
+        (deployment_replicas(&deploy, "pbx").await? == 2).then_some(())
+    })
+    .await;
+    let scale = eventually("scale status", WAIT, || async {
+        let s = pbxes.get_scale("pbx").await.ok()?;
+        (s.status.as_ref()?.replicas == 2).then_some(s)
+    })
+    .await;
+    let selector = scale.status.and_then(|s| s.selector).unwrap_or_default();
+    assert!(selector.contains("app.kubernetes.io/instance=pbx"), "{selector}");
+    let p = get_pbx(&pbxes, "pbx").await;
+    assert_eq!(p.status.map(|s| s.desired_replicas), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_reported_as_degraded() {
+    let client = cluster().admin().await;
+    let ns = "invalid";
+    namespace(&client, ns).await;
+    let mut op = Operator::start(ns, "op-1").await;
+    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
+    let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let spec = json!({"autoscaling": {"enabled": true, "minReplicas": 5, "maxReplicas": 2}});
+    pbxes
+        .create(&PostParams::default(), &sippbx("bad", spec))
+        .await
+        .expect("create");
+    let degraded = eventually("Degraded condition", WAIT, || async {
+        let p = get_pbx(&pbxes, "bad").await;
+        let (status, reason, message) = condition(&p, "Degraded")?;
+        (status == "True").then(|| (reason.to_string(), message.to_string()))
+    })
+    .await;
+    assert_eq!(degraded.0, "InvalidSpec");
+    assert!(degraded.1.contains("minReplicas 5 is above maxReplicas 2"), "{}", degraded.1);
+    assert!(deploy.get_opt("bad").await.expect("get").is_none(), "nothing applied");
+    assert!(events(&client, ns).await.iter().any(|r| r == "InvalidSpec"));
+
+    // Fixed: the objects appear and Degraded clears.
+    patch_spec(&pbxes, "bad", json!({"autoscaling": {"enabled": false, "minReplicas": 1}})).await;
+    eventually("Degraded cleared", WAIT, || async {
+        let p = get_pbx(&pbxes, "bad").await;
+        (condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+    let applied = eventually("Deployment", WAIT, || async { deploy.get_opt("bad").await.ok().flatten() }).await;
+
+    // A port outside 1024..65535 is reported; the running objects stay as they were.
+    patch_spec(&pbxes, "bad", json!({"config": {"sip": {"listenPort": 80}}})).await;
+    let message = eventually("port problem", WAIT, || async {
+        let p = get_pbx(&pbxes, "bad").await;
+        let (status, _, message) = condition(&p, "Degraded")?;
+        (status == "True").then(|| message.to_string())
+    })
+    .await;
+    assert!(message.contains("spec.config.sip.listenPort: 80 is outside 1024..65535"), "{message}");
+    let now = deploy.get("bad").await.expect("Deployment");
+    assert_eq!(template_hash(&now), template_hash(&applied));
+
+    // Service mode with the media relay: applied, but reported.
+    patch_spec(
+        &pbxes,
+        "bad",
+        json!({"config": {"sip": {"listenPort": 5060}}, "network": {"mode": "Service", "serviceType": "NodePort"}}),
+    )
+    .await;
+    let reason = eventually("unsupported combination", WAIT, || async {
+        let p = get_pbx(&pbxes, "bad").await;
+        let (status, reason, _) = condition(&p, "Degraded")?;
+        (status == "True" && reason != "InvalidSpec").then(|| reason.to_string())
+    })
+    .await;
+    assert_eq!(reason, "UnsupportedCombination");
+    let svc = eventually("NodePort Service", WAIT, || async {
+        let s = Api::<Service>::namespaced(client.clone(), ns).get("bad-sip-udp").await.ok()?;
+        (s.spec.as_ref()?.type_.as_deref() == Some("NodePort")).then_some(s)
+    })
+    .await;
+    assert_eq!(svc.spec.and_then(|s| s.session_affinity).as_deref(), Some("ClientIP"));
+    assert!(op.child.try_wait().expect("wait").is_none(), "operator still running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_in_drains_the_emptiest_pod_before_removing_it() {
+    let client = cluster().admin().await;
+    let ns = "drain";
+    namespace(&client, ns).await;
+    let _op = Operator::start(ns, "op-1").await;
+    let port = free_port();
+    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
+    let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let spec = json!({
+        "replicas": 3,
+        "drain": {"timeoutSeconds": 600},
+        "config": {"monitoring": {"healthCheckPort": port}},
+    });
+    pbxes
+        .create(&PostParams::default(), &sippbx("pbx", spec))
+        .await
+        .expect("create");
+    let fakes = ready_pods(&client, ns, "pbx", 3, 4, port, &[5, 1, 3]).await;
+    eventually("9 active calls in status", WAIT, || async {
+        let p = get_pbx(&pbxes, "pbx").await;
+        (p.status?.active_calls == 9).then_some(())
+    })
+    .await;
+
+    pbxes
+        .patch_scale("pbx", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 2}})))
+        .await
+        .expect("scale");
+    let (victim, victim_fake) = &fakes[1];
+    let draining = eventually("Draining condition", WAIT, || async {
+        let p = get_pbx(&pbxes, "pbx").await;
+        let (status, _, message) = condition(&p, "Draining")?;
+        (status == "True").then(|| message.to_string())
+    })
+    .await;
+    assert_eq!(draining, format!("draining {victim}"));
+    let token = Api::<Secret>::namespaced(client.clone(), ns)
+        .get("pbx-admin-token")
+        .await
+        .expect("token Secret")
+        .data
+        .and_then(|d| d.get("token").map(|b| String::from_utf8_lossy(&b.0).to_string()))
+        .expect("token");
+    eventually("drain request", WAIT, || async {
+        (!victim_fake.drain_requests().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(victim_fake.drain_requests(), vec![format!("Bearer {token}")]);
+    for (name, fake) in &fakes {
+        if name != victim {
+            assert!(fake.drain_requests().is_empty(), "{name} was not to be drained");
+        }
+    }
+    // The call on the draining pod is not cut: the Deployment keeps 3 pods.
+    assert_eq!(deployment_replicas(&deploy, "pbx").await, Some(3));
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod = pod_api.get(victim).await.expect("victim pod");
+    assert!(pod.annotations().contains_key("sip.pbx.dev/drain-started"));
+
+    // Its last call ends: the pod is marked cheapest to delete and the Deployment shrinks.
+    victim_fake.set_calls(0);
+    eventually("2 replicas", WAIT, || async {
+        (deployment_replicas(&deploy, "pbx").await? == 2).then_some(())
+    })
+    .await;
+    let marked = eventually("deletion cost or pod gone", WAIT, || async {
+        match pod_api.get_opt(victim).await.ok()? {
+            Some(p) => p.annotations().get("controller.kubernetes.io/pod-deletion-cost").cloned(),
+            None => Some("deleted".to_string()),
+        }
+    })
+    .await;
+    assert!(marked == "-1000" || marked == "deleted", "{marked}");
+    for (name, fake) in &fakes {
+        if name != victim {
+            assert!(fake.drain_requests().is_empty(), "{name} was not to be drained");
+        }
+    }
+    let reasons = events(&client, ns).await;
+    assert!(reasons.iter().any(|r| r == "DrainStarted"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "ScaledIn"), "{reasons:?}");
+    eventually("Draining cleared", WAIT, || async {
+        let p = get_pbx(&pbxes, "pbx").await;
+        (condition(&p, "Draining")?.0 == "False").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscaling_follows_active_calls() {
+    let client = cluster().admin().await;
+    let ns = "autoscale";
+    namespace(&client, ns).await;
+    let _op = Operator::start(ns, "op-1").await;
+    let port = free_port();
+    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
+    let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let spec = json!({
+        "autoscaling": {"enabled": true, "minReplicas": 1, "maxReplicas": 4,
+                        "targetActiveCallsPerPod": 10, "scaleDownStabilizationSeconds": 0},
+        "drain": {"timeoutSeconds": 600},
+        "config": {"monitoring": {"healthCheckPort": port}},
+    });
+    pbxes
+        .create(&PostParams::default(), &sippbx("pbx", spec))
+        .await
+        .expect("create");
+    let first = ready_pods(&client, ns, "pbx", 1, 5, port, &[25]).await;
+    eventually("scale-up to 3 for 25 calls", WAIT, || async {
+        (deployment_replicas(&deploy, "pbx").await? == 3).then_some(())
+    })
+    .await;
+    let all = eventually("3 pods", WAIT, || async {
+        let p = pods(&client, ns, "pbx").await;
+        (p.len() == 3).then_some(p)
+    })
+    .await;
+    let mut fakes = Vec::new();
+    for (i, pod) in all.iter().filter(|p| p.name_any() != first[0].0).enumerate() {
+        let ip = format!("127.0.6.{}", i + 2);
+        fakes.push(FakePbx::start(&ip, port, 0).await);
+        make_ready(&client, ns, &pod.name_any(), &ip).await;
+    }
+    // Calls drop to 5: one pod is enough; the two empty pods go, the busy one stays.
+    first[0].1.set_calls(5);
+    eventually("scale-in to 1", WAIT, || async {
+        (deployment_replicas(&deploy, "pbx").await? == 1).then_some(())
+    })
+    .await;
+    assert!(first[0].1.drain_requests().is_empty(), "the busy pod was drained");
+    for fake in &fakes {
+        assert_eq!(fake.drain_requests().len(), 1, "{} drained once", fake.ip);
+    }
+    let p = get_pbx(&pbxes, "pbx").await;
+    assert_eq!(p.status.map(|s| s.desired_replicas), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_is_deleted_with_the_sippbx_when_not_kept() {
+    let client = cluster().admin().await;
+    let ns = "nokeep";
+    namespace(&client, ns).await;
+    let _op = Operator::start(ns, "op-1").await;
+    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
+    let spec = json!({"cdr": {"keepOnDelete": false}});
+    pbxes
+        .create(&PostParams::default(), &sippbx("pbx", spec))
+        .await
+        .expect("create");
+    let pbx = get_pbx(&pbxes, "pbx").await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pvc = eventually("CDR claim", WAIT, || async { claims.get_opt("pbx-cdr").await.ok().flatten() }).await;
+    assert!(owned_by(&pvc, &pbx));
+    pbxes.delete("pbx", &DeleteParams::default()).await.expect("delete");
+    eventually("claim deleted", WAIT, || async {
+        claims.get_opt("pbx-cdr").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_lease() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let client = cluster().admin().await;
+    let ns = "leader";
+    namespace(&client, ns).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let holder = || async {
+        leases
+            .get_opt(&format!("lease-{ns}"))
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+    };
+    let a = Operator::start(ns, "op-a").await;
+    eventually("op-a leads", WAIT, || async { (holder().await? == "op-a").then_some(()) }).await;
+    let b = Operator::start(ns, "op-b").await;
+    let b_metrics = eventually("op-b metrics", WAIT, || b.metrics()).await;
+    assert!(b_metrics.contains("sip_pbx_operator_leader 0"), "{b_metrics}");
+    assert_eq!(holder().await.as_deref(), Some("op-a"));
+
+    // op-a stops (SIGTERM releases the lease): op-b takes over and reconciles.
+    let pid = i32::try_from(a.child.id()).expect("pid");
+    // SAFETY: sends SIGTERM to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    eventually("op-b leads", WAIT, || async { (holder().await? == "op-b").then_some(()) }).await;
+    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
+    pbxes
+        .create(&PostParams::default(), &sippbx("pbx", json!({})))
+        .await
+        .expect("create");
+    let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    eventually("Deployment from op-b", WAIT, || async { deploy.get_opt("pbx").await.ok().flatten() }).await;
+    let b_metrics = eventually("op-b metrics", WAIT, || b.metrics()).await;
+    assert!(b_metrics.contains("sip_pbx_operator_leader 1"), "{b_metrics}");
+    drop(a);
+}
