@@ -19,7 +19,7 @@ use crate::apply::{Applier, ApplyError};
 use crate::crd::SipPbx;
 use crate::drain::{PodError, Pods, ScaleIn};
 use crate::metrics::Metrics;
-use crate::objects::{self, selector_string, ConfigError, CONFIG_HASH_ANNOTATION};
+use crate::objects::{self, config_hash, selector_string, ConfigError};
 use crate::scaling::{desired_replicas, History};
 use crate::stats::StatsClient;
 use crate::status::{self, types, Observed};
@@ -253,17 +253,6 @@ async fn report_changes(
     }
 }
 
-fn config_hash(d: &Deployment) -> Option<&String> {
-    d.spec
-        .as_ref()?
-        .template
-        .metadata
-        .as_ref()?
-        .annotations
-        .as_ref()?
-        .get(CONFIG_HASH_ANNOTATION)
-}
-
 fn observe_deployment(obs: &mut Observed, deployment: Option<&Deployment>) {
     if let Some(d) = deployment {
         obs.deployment_replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
@@ -291,17 +280,19 @@ async fn write_status(ctx: &Context, pbx: &SipPbx, obs: &Observed) -> Result<(),
     }
     let api: Api<SipPbx> =
         Api::namespaced(ctx.client.clone(), &pbx.namespace().unwrap_or_default());
-    api.patch_status(
-        &pbx.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": new })),
-    )
-    .await
-    .map_err(|source| Error::Status {
-        name: pbx.name_any(),
-        source,
-    })?;
-    Ok(())
+    let patch = Patch::Merge(json!({ "status": new }));
+    match api
+        .patch_status(&pbx.name_any(), &PatchParams::default(), &patch)
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Deleted while reconciling: nothing left to report on.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(Error::Status {
+            name: pbx.name_any(),
+            source,
+        }),
+    }
 }
 
 fn reset_failures(ctx: &Context, pbx: &SipPbx) {

@@ -39,7 +39,7 @@ pub fn deployment(pbx: &SipPbx, replicas: i32, config: &str) -> Deployment {
     let cfg = &spec.config;
 
     let mut annotations = spec.pod_annotations.clone().unwrap_or_default();
-    annotations.insert(CONFIG_HASH_ANNOTATION.into(), config_hash(pbx, config));
+    annotations.insert(CONFIG_HASH_ANNOTATION.into(), hash_config(pbx, config));
     annotations.insert("prometheus.io/scrape".into(), "true".into());
     annotations.insert(
         "prometheus.io/port".into(),
@@ -197,8 +197,20 @@ pub fn deployment(pbx: &SipPbx, replicas: i32, config: &str) -> Deployment {
     }
 }
 
+/// The config hash a Deployment's pod template carries.
+pub fn config_hash(d: &Deployment) -> Option<&String> {
+    d.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(CONFIG_HASH_ANNOTATION)
+}
+
 /// Hash of the rendered config and the Secrets mounted beside it.
-fn config_hash(pbx: &SipPbx, config: &str) -> String {
+fn hash_config(pbx: &SipPbx, config: &str) -> String {
     let mut hasher = Sha256::new();
     hasher.update(config.as_bytes());
     for secret in [&pbx.spec.users_secret_ref, &pbx.spec.webhook_secret_ref] {

@@ -20,7 +20,7 @@ use kube::{Resource, ResourceExt};
 use crate::crd::SipPbx;
 
 pub use config::{render_config, ConfigError};
-pub use deployment::{deployment, CONFIG_HASH_ANNOTATION};
+pub use deployment::{config_hash, deployment, CONFIG_HASH_ANNOTATION};
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "sip-pbx-operator";

@@ -21,6 +21,7 @@ use kube::api::{
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use sip_pbx_operator::crd::SipPbx;
+use sip_pbx_operator::objects::config_hash;
 
 use cluster::{cluster, eventually, OPERATOR_NAMESPACE};
 use fakepod::FakePbx;
@@ -106,6 +107,35 @@ async fn namespace(client: &Client, name: &str) {
         .create(&PostParams::default(), &ns)
         .await
         .expect("create namespace");
+}
+
+/// One test's namespace, its operator, and a SipPbx created from a spec.
+struct Setup {
+    client: Client,
+    op: Operator,
+    pbxes: Api<SipPbx>,
+    deploy: Api<Deployment>,
+    pbx: SipPbx,
+}
+
+async fn setup(ns: &str, name: &str, spec: serde_json::Value) -> Setup {
+    let client = cluster().admin().await;
+    namespace(&client, ns).await;
+    let op = Operator::start(ns, "op-1").await;
+    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
+    pbxes
+        .create(&PostParams::default(), &sippbx(name, spec))
+        .await
+        .expect("create SipPbx");
+    let pbx = get_pbx(&pbxes, name).await;
+    let deploy = Api::namespaced(client.clone(), ns);
+    Setup {
+        client,
+        op,
+        pbxes,
+        deploy,
+        pbx,
+    }
 }
 
 fn sippbx(name: &str, spec: serde_json::Value) -> SipPbx {
@@ -221,35 +251,33 @@ fn pdb_api(client: &Client, ns: &str) -> Api<DynamicObject> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_makes_every_object_and_ready_pods_make_it_ready() {
-    let client = cluster().admin().await;
     let ns = "lifecycle";
-    namespace(&client, ns).await;
-    let op = Operator::start(ns, "op-1").await;
     let port = free_port();
-    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
     let spec = json!({
         "replicas": 2,
         "usersSecretRef": {"name": "office-users"},
         "config": {"monitoring": {"healthCheckPort": port}},
     });
-    pbxes
-        .create(&PostParams::default(), &sippbx("office", spec))
-        .await
-        .expect("create SipPbx");
-    let pbx = get_pbx(&pbxes, "office").await;
-
-    let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let d = eventually("Deployment", WAIT, || async {
-        deploy.get_opt("office").await.ok().flatten()
+    let t = setup(ns, "office", spec).await;
+    // The PDB is applied last: once it is there, every object is.
+    let pdb = eventually("PodDisruptionBudget", WAIT, || async {
+        pdb_api(&t.client, ns)
+            .get_opt("office")
+            .await
+            .ok()
+            .flatten()
     })
     .await;
-    assert!(owned_by(&d, &pbx));
+    assert!(owned_by(&pdb, &t.pbx));
+    assert_eq!(pdb.data["spec"]["maxUnavailable"], 1);
+    let d = t.deploy.get("office").await.expect("Deployment");
+    assert!(owned_by(&d, &t.pbx));
     assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(2));
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+    let cm = Api::<ConfigMap>::namespaced(t.client.clone(), ns)
         .get("office-config")
         .await
         .expect("ConfigMap");
-    assert!(owned_by(&cm, &pbx));
+    assert!(owned_by(&cm, &t.pbx));
     let config = cm
         .data
         .as_ref()
@@ -259,32 +287,29 @@ async fn apply_makes_every_object_and_ready_pods_make_it_ready() {
         config.contains("users_file: /etc/sip-pbx/users/users.yaml"),
         "{config}"
     );
-    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(t.client.clone(), ns);
     for name in ["office-sip-udp", "office-metrics"] {
         let svc = svcs.get(name).await.expect(name);
-        assert!(owned_by(&svc, &pbx), "{name}");
+        assert!(owned_by(&svc, &t.pbx), "{name}");
     }
     let udp = svcs.get("office-sip-udp").await.expect("udp service");
     let udp_spec = udp.spec.expect("spec");
     assert_eq!(udp_spec.session_affinity.as_deref(), Some("ClientIP"));
     assert!(svcs.get_opt("office-sip-tcp").await.expect("get").is_none());
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+    let secret = Api::<Secret>::namespaced(t.client.clone(), ns)
         .get("office-admin-token")
         .await
         .expect("admin token Secret");
-    assert!(owned_by(&secret, &pbx));
-    let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+    assert!(owned_by(&secret, &t.pbx));
+    let pvc = Api::<PersistentVolumeClaim>::namespaced(t.client.clone(), ns)
         .get("office-cdr")
         .await
         .expect("CDR claim");
-    assert!(!owned_by(&pvc, &pbx), "the kept PVC has no owner");
-    let pdb = pdb_api(&client, ns).get("office").await.expect("PDB");
-    assert!(owned_by(&pdb, &pbx));
-    assert_eq!(pdb.data["spec"]["maxUnavailable"], 1);
+    assert!(!owned_by(&pvc, &t.pbx), "the kept PVC has no owner");
 
-    let _fakes = ready_pods(&client, ns, "office", 2, 1, port, &[3, 4]).await;
+    let _fakes = ready_pods(&t.client, ns, "office", 2, 1, port, &[3, 4]).await;
     let ready = eventually("Ready condition", WAIT, || async {
-        let p = get_pbx(&pbxes, "office").await;
+        let p = get_pbx(&t.pbxes, "office").await;
         (condition(&p, "Ready").map(|c| c.0) == Some("True")).then_some(p)
     })
     .await;
@@ -297,269 +322,328 @@ async fn apply_makes_every_object_and_ready_pods_make_it_ready() {
         "app.kubernetes.io/instance=office,app.kubernetes.io/name=sip-pbx"
     );
     eventually("active calls in status", WAIT, || async {
-        let p = get_pbx(&pbxes, "office").await;
+        let p = get_pbx(&t.pbxes, "office").await;
         (p.status.map(|s| s.active_calls) == Some(7)).then_some(())
     })
     .await;
     assert_eq!(condition(&ready, "Degraded").map(|c| c.0), Some("False"));
-    let reasons = events(&client, ns).await;
-    assert!(reasons.iter().any(|r| r == "Created"), "{reasons:?}");
-    let metrics = op.metrics().await.expect("operator /metrics");
+    eventually("Created event", WAIT, || async {
+        let reasons = events(&t.client, ns).await;
+        reasons.iter().any(|r| r == "Created").then_some(())
+    })
+    .await;
+    let metrics = t.op.metrics().await.expect("operator /metrics");
     assert!(metrics.contains("sip_pbx_operator_leader 1"), "{metrics}");
 
     // Deleting the SipPbx removes its children (garbage collector), but the CDR claim stays.
-    pbxes
+    t.pbxes
         .delete("office", &DeleteParams::foreground())
         .await
         .expect("delete");
     eventually("children deleted", WAIT, || async {
-        let gone = deploy.get_opt("office").await.ok()?.is_none()
+        let gone = t.deploy.get_opt("office").await.ok()?.is_none()
             && svcs.get_opt("office-metrics").await.ok()?.is_none()
-            && Api::<ConfigMap>::namespaced(client.clone(), ns)
+            && Api::<ConfigMap>::namespaced(t.client.clone(), ns)
                 .get_opt("office-config")
                 .await
                 .ok()?
                 .is_none()
-            && pdb_api(&client, ns).get_opt("office").await.ok()?.is_none();
+            && pdb_api(&t.client, ns)
+                .get_opt("office")
+                .await
+                .ok()?
+                .is_none();
         gone.then_some(())
     })
     .await;
-    assert!(Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
-        .get_opt("office-cdr")
-        .await
-        .expect("get")
-        .is_some());
-    assert!(!op.log().contains("forbidden"), "{}", op.log());
+    assert!(
+        Api::<PersistentVolumeClaim>::namespaced(t.client.clone(), ns)
+            .get_opt("office-cdr")
+            .await
+            .expect("get")
+            .is_some()
+    );
+    assert!(!t.op.log().contains("forbidden"), "{}", t.op.log());
 }
 
 async fn patch_spec(api: &Api<SipPbx>, name: &str, spec: serde_json::Value) {
-    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({ "spec": spec })))
-        .await
-        .expect("patch SipPbx spec");
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": spec })),
+    )
+    .await
+    .expect("patch SipPbx spec");
 }
 
 async fn deployment_replicas(api: &Api<Deployment>, name: &str) -> Option<i32> {
     api.get_opt(name).await.ok()??.spec?.replicas
 }
 
-fn template_hash(d: &Deployment) -> Option<String> {
-    d.spec
-        .as_ref()?
-        .template
-        .metadata
-        .as_ref()?
-        .annotations
-        .as_ref()?
-        .get("sip.pbx.dev/config-hash")
-        .cloned()
+/// What `kubectl scale sippbx NAME --replicas=N` does: a patch of the scale subresource.
+async fn kubectl_scale(api: &Api<SipPbx>, name: &str, replicas: i32) {
+    let patch = Patch::Merge(json!({"spec": {"replicas": replicas}}));
+    api.patch_scale(name, &PatchParams::default(), &patch)
+        .await
+        .expect("patch the scale subresource");
+}
+
+async fn wait_replicas(api: &Api<Deployment>, name: &str, want: i32) {
+    eventually(&format!("{want} replicas of {name}"), WAIT, || async {
+        (deployment_replicas(api, name).await? == want).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_follow_edits_and_kubectl_scale() {
-    let client = cluster().admin().await;
     let ns = "edits";
-    namespace(&client, ns).await;
-    let _op = Operator::start(ns, "op-1").await;
-    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
     let spec = json!({"replicas": 1, "drain": {"timeoutSeconds": 30}});
-    pbxes
-        .create(&PostParams::default(), &sippbx("pbx", spec))
-        .await
-        .expect("create");
-    let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let before = eventually("Deployment", WAIT, || async { deploy.get_opt("pbx").await.ok().flatten() }).await;
-    let hash = template_hash(&before).expect("config hash annotation");
-
-    // A config change lands in the ConfigMap and rolls the pods (new hash).
-    patch_spec(&pbxes, "pbx", json!({"config": {"sip": {"maxConcurrentCalls": 20}}})).await;
-    eventually("new config hash", WAIT, || async {
-        let d = deploy.get("pbx").await.ok()?;
-        (template_hash(&d)? != hash).then_some(())
+    let t = setup(ns, "pbx", spec).await;
+    let before = eventually("Deployment", WAIT, || async {
+        t.deploy.get_opt("pbx").await.ok().flatten()
     })
     .await;
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+    let hash = config_hash(&before).expect("config hash annotation");
+
+    // A config change lands in the ConfigMap and rolls the pods (new hash).
+    patch_spec(
+        &t.pbxes,
+        "pbx",
+        json!({"config": {"sip": {"maxConcurrentCalls": 20}}}),
+    )
+    .await;
+    eventually("new config hash", WAIT, || async {
+        let d = t.deploy.get("pbx").await.ok()?;
+        (config_hash(&d)? != hash).then_some(())
+    })
+    .await;
+    let cm = Api::<ConfigMap>::namespaced(t.client.clone(), ns)
         .get("pbx-config")
         .await
         .expect("ConfigMap");
-    let config = cm.data.and_then(|d| d.get("config.yaml").cloned()).unwrap_or_default();
+    let config = cm
+        .data
+        .and_then(|d| d.get("config.yaml").cloned())
+        .unwrap_or_default();
     assert!(config.contains("max_concurrent_calls: 20"), "{config}");
     eventually("ConfigChanged event", WAIT, || async {
-        events(&client, ns).await.iter().any(|r| r == "ConfigChanged").then_some(())
+        events(&t.client, ns)
+            .await
+            .iter()
+            .any(|r| r == "ConfigChanged")
+            .then_some(())
     })
     .await;
 
     // transport: both adds the TCP Service; back to udp removes it.
-    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
-    patch_spec(&pbxes, "pbx", json!({"config": {"sip": {"transport": "both"}}})).await;
-    eventually("TCP Service", WAIT, || async { svcs.get_opt("pbx-sip-tcp").await.ok().flatten() }).await;
-    patch_spec(&pbxes, "pbx", json!({"config": {"sip": {"transport": "udp"}}})).await;
+    let svcs: Api<Service> = Api::namespaced(t.client.clone(), ns);
+    patch_spec(
+        &t.pbxes,
+        "pbx",
+        json!({"config": {"sip": {"transport": "both"}}}),
+    )
+    .await;
+    eventually("TCP Service", WAIT, || async {
+        svcs.get_opt("pbx-sip-tcp").await.ok().flatten()
+    })
+    .await;
+    patch_spec(
+        &t.pbxes,
+        "pbx",
+        json!({"config": {"sip": {"transport": "udp"}}}),
+    )
+    .await;
     eventually("TCP Service removed", WAIT, || async {
-        svcs.get_opt("pbx-sip-tcp").await.ok()?.is_none().then_some(())
+        svcs.get_opt("pbx-sip-tcp")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
 
     // spec.replicas, then the scale subresource (what `kubectl scale sippbx` calls).
-    patch_spec(&pbxes, "pbx", json!({"replicas": 3})).await;
-    eventually("3 replicas", WAIT, || async {
-        (deployment_replicas(&deploy, "pbx").await? == 3).then_some(())
-    })
-    .await;
-    pbxes
-        .patch_scale("pbx", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 2}})))
-        .await
-        .expect("scale subresource");
-    eventually("2 replicas after scale", WAIT, || async {
-        (deployment_replicas(&deploy, "pbx").await? == 2).then_some(())
-    })
-    .await;
+    patch_spec(&t.pbxes, "pbx", json!({"replicas": 3})).await;
+    wait_replicas(&t.deploy, "pbx", 3).await;
+    kubectl_scale(&t.pbxes, "pbx", 2).await;
+    wait_replicas(&t.deploy, "pbx", 2).await;
     let scale = eventually("scale status", WAIT, || async {
-        let s = pbxes.get_scale("pbx").await.ok()?;
+        let s = t.pbxes.get_scale("pbx").await.ok()?;
         (s.status.as_ref()?.replicas == 2).then_some(s)
     })
     .await;
     let selector = scale.status.and_then(|s| s.selector).unwrap_or_default();
-    assert!(selector.contains("app.kubernetes.io/instance=pbx"), "{selector}");
-    let p = get_pbx(&pbxes, "pbx").await;
+    assert!(
+        selector.contains("app.kubernetes.io/instance=pbx"),
+        "{selector}"
+    );
+    let p = get_pbx(&t.pbxes, "pbx").await;
     assert_eq!(p.status.map(|s| s.desired_replicas), Some(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_specs_are_reported_as_degraded() {
-    let client = cluster().admin().await;
     let ns = "invalid";
-    namespace(&client, ns).await;
-    let mut op = Operator::start(ns, "op-1").await;
-    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
-    let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let spec = json!({"autoscaling": {"enabled": true, "minReplicas": 5, "maxReplicas": 2}});
-    pbxes
-        .create(&PostParams::default(), &sippbx("bad", spec))
-        .await
-        .expect("create");
+    let mut t = setup(ns, "bad", spec).await;
     let degraded = eventually("Degraded condition", WAIT, || async {
-        let p = get_pbx(&pbxes, "bad").await;
+        let p = get_pbx(&t.pbxes, "bad").await;
         let (status, reason, message) = condition(&p, "Degraded")?;
         (status == "True").then(|| (reason.to_string(), message.to_string()))
     })
     .await;
     assert_eq!(degraded.0, "InvalidSpec");
-    assert!(degraded.1.contains("minReplicas 5 is above maxReplicas 2"), "{}", degraded.1);
-    assert!(deploy.get_opt("bad").await.expect("get").is_none(), "nothing applied");
-    assert!(events(&client, ns).await.iter().any(|r| r == "InvalidSpec"));
+    assert!(
+        degraded.1.contains("minReplicas 5 is above maxReplicas 2"),
+        "{}",
+        degraded.1
+    );
+    assert!(
+        t.deploy.get_opt("bad").await.expect("get").is_none(),
+        "nothing applied"
+    );
+    assert!(events(&t.client, ns)
+        .await
+        .iter()
+        .any(|r| r == "InvalidSpec"));
 
     // Fixed: the objects appear and Degraded clears.
-    patch_spec(&pbxes, "bad", json!({"autoscaling": {"enabled": false, "minReplicas": 1}})).await;
+    patch_spec(
+        &t.pbxes,
+        "bad",
+        json!({"autoscaling": {"enabled": false, "minReplicas": 1}}),
+    )
+    .await;
     eventually("Degraded cleared", WAIT, || async {
-        let p = get_pbx(&pbxes, "bad").await;
+        let p = get_pbx(&t.pbxes, "bad").await;
         (condition(&p, "Degraded")?.0 == "False").then_some(())
     })
     .await;
-    let applied = eventually("Deployment", WAIT, || async { deploy.get_opt("bad").await.ok().flatten() }).await;
+    let applied = eventually("Deployment", WAIT, || async {
+        t.deploy.get_opt("bad").await.ok().flatten()
+    })
+    .await;
 
     // A port outside 1024..65535 is reported; the running objects stay as they were.
-    patch_spec(&pbxes, "bad", json!({"config": {"sip": {"listenPort": 80}}})).await;
+    patch_spec(
+        &t.pbxes,
+        "bad",
+        json!({"config": {"sip": {"listenPort": 80}}}),
+    )
+    .await;
     let message = eventually("port problem", WAIT, || async {
-        let p = get_pbx(&pbxes, "bad").await;
+        let p = get_pbx(&t.pbxes, "bad").await;
         let (status, _, message) = condition(&p, "Degraded")?;
         (status == "True").then(|| message.to_string())
     })
     .await;
-    assert!(message.contains("spec.config.sip.listenPort: 80 is outside 1024..65535"), "{message}");
-    let now = deploy.get("bad").await.expect("Deployment");
-    assert_eq!(template_hash(&now), template_hash(&applied));
+    assert!(
+        message.contains("spec.config.sip.listenPort: 80 is outside 1024..65535"),
+        "{message}"
+    );
+    let now = t.deploy.get("bad").await.expect("Deployment");
+    assert_eq!(config_hash(&now), config_hash(&applied));
 
     // Service mode with the media relay: applied, but reported.
     patch_spec(
-        &pbxes,
+        &t.pbxes,
         "bad",
         json!({"config": {"sip": {"listenPort": 5060}}, "network": {"mode": "Service", "serviceType": "NodePort"}}),
     )
     .await;
     let reason = eventually("unsupported combination", WAIT, || async {
-        let p = get_pbx(&pbxes, "bad").await;
+        let p = get_pbx(&t.pbxes, "bad").await;
         let (status, reason, _) = condition(&p, "Degraded")?;
         (status == "True" && reason != "InvalidSpec").then(|| reason.to_string())
     })
     .await;
     assert_eq!(reason, "UnsupportedCombination");
     let svc = eventually("NodePort Service", WAIT, || async {
-        let s = Api::<Service>::namespaced(client.clone(), ns).get("bad-sip-udp").await.ok()?;
+        let s = Api::<Service>::namespaced(t.client.clone(), ns)
+            .get("bad-sip-udp")
+            .await
+            .ok()?;
         (s.spec.as_ref()?.type_.as_deref() == Some("NodePort")).then_some(s)
     })
     .await;
-    assert_eq!(svc.spec.and_then(|s| s.session_affinity).as_deref(), Some("ClientIP"));
-    assert!(op.child.try_wait().expect("wait").is_none(), "operator still running");
+    assert_eq!(
+        svc.spec.and_then(|s| s.session_affinity).as_deref(),
+        Some("ClientIP")
+    );
+    assert!(
+        t.op.child.try_wait().expect("wait").is_none(),
+        "operator still running"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_in_drains_the_emptiest_pod_before_removing_it() {
-    let client = cluster().admin().await;
     let ns = "drain";
-    namespace(&client, ns).await;
-    let _op = Operator::start(ns, "op-1").await;
     let port = free_port();
-    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
-    let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let spec = json!({
         "replicas": 3,
         "drain": {"timeoutSeconds": 600},
         "config": {"monitoring": {"healthCheckPort": port}},
     });
-    pbxes
-        .create(&PostParams::default(), &sippbx("pbx", spec))
-        .await
-        .expect("create");
-    let fakes = ready_pods(&client, ns, "pbx", 3, 4, port, &[5, 1, 3]).await;
+    let t = setup(ns, "pbx", spec).await;
+    let fakes = ready_pods(&t.client, ns, "pbx", 3, 4, port, &[5, 1, 3]).await;
     eventually("9 active calls in status", WAIT, || async {
-        let p = get_pbx(&pbxes, "pbx").await;
+        let p = get_pbx(&t.pbxes, "pbx").await;
         (p.status?.active_calls == 9).then_some(())
     })
     .await;
 
-    pbxes
-        .patch_scale("pbx", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 2}})))
-        .await
-        .expect("scale");
+    kubectl_scale(&t.pbxes, "pbx", 2).await;
     let (victim, victim_fake) = &fakes[1];
     let draining = eventually("Draining condition", WAIT, || async {
-        let p = get_pbx(&pbxes, "pbx").await;
+        let p = get_pbx(&t.pbxes, "pbx").await;
         let (status, _, message) = condition(&p, "Draining")?;
         (status == "True").then(|| message.to_string())
     })
     .await;
     assert_eq!(draining, format!("draining {victim}"));
-    let token = Api::<Secret>::namespaced(client.clone(), ns)
+    let token = Api::<Secret>::namespaced(t.client.clone(), ns)
         .get("pbx-admin-token")
         .await
         .expect("token Secret")
         .data
-        .and_then(|d| d.get("token").map(|b| String::from_utf8_lossy(&b.0).to_string()))
+        .and_then(|d| {
+            d.get("token")
+                .map(|b| String::from_utf8_lossy(&b.0).to_string())
+        })
         .expect("token");
     eventually("drain request", WAIT, || async {
         (!victim_fake.drain_requests().is_empty()).then_some(())
     })
     .await;
-    assert_eq!(victim_fake.drain_requests(), vec![format!("Bearer {token}")]);
+    assert_eq!(
+        victim_fake.drain_requests(),
+        vec![format!("Bearer {token}")]
+    );
     for (name, fake) in &fakes {
         if name != victim {
-            assert!(fake.drain_requests().is_empty(), "{name} was not to be drained");
+            assert!(
+                fake.drain_requests().is_empty(),
+                "{name} was not to be drained"
+            );
         }
     }
     // The call on the draining pod is not cut: the Deployment keeps 3 pods.
-    assert_eq!(deployment_replicas(&deploy, "pbx").await, Some(3));
-    let pod_api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    assert_eq!(deployment_replicas(&t.deploy, "pbx").await, Some(3));
+    let pod_api: Api<Pod> = Api::namespaced(t.client.clone(), ns);
     let pod = pod_api.get(victim).await.expect("victim pod");
     assert!(pod.annotations().contains_key("sip.pbx.dev/drain-started"));
 
     // Its last call ends: the pod is marked cheapest to delete and the Deployment shrinks.
     victim_fake.set_calls(0);
-    eventually("2 replicas", WAIT, || async {
-        (deployment_replicas(&deploy, "pbx").await? == 2).then_some(())
-    })
-    .await;
+    wait_replicas(&t.deploy, "pbx", 2).await;
     let marked = eventually("deletion cost or pod gone", WAIT, || async {
         match pod_api.get_opt(victim).await.ok()? {
-            Some(p) => p.annotations().get("controller.kubernetes.io/pod-deletion-cost").cloned(),
+            Some(p) => p
+                .annotations()
+                .get("controller.kubernetes.io/pod-deletion-cost")
+                .cloned(),
             None => Some("deleted".to_string()),
         }
     })
@@ -567,14 +651,17 @@ async fn scale_in_drains_the_emptiest_pod_before_removing_it() {
     assert!(marked == "-1000" || marked == "deleted", "{marked}");
     for (name, fake) in &fakes {
         if name != victim {
-            assert!(fake.drain_requests().is_empty(), "{name} was not to be drained");
+            assert!(
+                fake.drain_requests().is_empty(),
+                "{name} was not to be drained"
+            );
         }
     }
-    let reasons = events(&client, ns).await;
+    let reasons = events(&t.client, ns).await;
     assert!(reasons.iter().any(|r| r == "DrainStarted"), "{reasons:?}");
     assert!(reasons.iter().any(|r| r == "ScaledIn"), "{reasons:?}");
     eventually("Draining cleared", WAIT, || async {
-        let p = get_pbx(&pbxes, "pbx").await;
+        let p = get_pbx(&t.pbxes, "pbx").await;
         (condition(&p, "Draining")?.0 == "False").then_some(())
     })
     .await;
@@ -582,72 +669,68 @@ async fn scale_in_drains_the_emptiest_pod_before_removing_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn autoscaling_follows_active_calls() {
-    let client = cluster().admin().await;
     let ns = "autoscale";
-    namespace(&client, ns).await;
-    let _op = Operator::start(ns, "op-1").await;
     let port = free_port();
-    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
-    let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let spec = json!({
         "autoscaling": {"enabled": true, "minReplicas": 1, "maxReplicas": 4,
                         "targetActiveCallsPerPod": 10, "scaleDownStabilizationSeconds": 0},
         "drain": {"timeoutSeconds": 600},
         "config": {"monitoring": {"healthCheckPort": port}},
     });
-    pbxes
-        .create(&PostParams::default(), &sippbx("pbx", spec))
-        .await
-        .expect("create");
-    let first = ready_pods(&client, ns, "pbx", 1, 5, port, &[25]).await;
-    eventually("scale-up to 3 for 25 calls", WAIT, || async {
-        (deployment_replicas(&deploy, "pbx").await? == 3).then_some(())
-    })
-    .await;
+    let t = setup(ns, "pbx", spec).await;
+    let first = ready_pods(&t.client, ns, "pbx", 1, 5, port, &[25]).await;
+    wait_replicas(&t.deploy, "pbx", 3).await;
     let all = eventually("3 pods", WAIT, || async {
-        let p = pods(&client, ns, "pbx").await;
+        let p = pods(&t.client, ns, "pbx").await;
         (p.len() == 3).then_some(p)
     })
     .await;
     let mut fakes = Vec::new();
-    for (i, pod) in all.iter().filter(|p| p.name_any() != first[0].0).enumerate() {
+    for (i, pod) in all
+        .iter()
+        .filter(|p| p.name_any() != first[0].0)
+        .enumerate()
+    {
         let ip = format!("127.0.6.{}", i + 2);
         fakes.push(FakePbx::start(&ip, port, 0).await);
-        make_ready(&client, ns, &pod.name_any(), &ip).await;
+        make_ready(&t.client, ns, &pod.name_any(), &ip).await;
     }
     // Calls drop to 5: one pod is enough; the two empty pods go, the busy one stays.
     first[0].1.set_calls(5);
-    eventually("scale-in to 1", WAIT, || async {
-        (deployment_replicas(&deploy, "pbx").await? == 1).then_some(())
-    })
-    .await;
-    assert!(first[0].1.drain_requests().is_empty(), "the busy pod was drained");
+    wait_replicas(&t.deploy, "pbx", 1).await;
+    assert!(
+        first[0].1.drain_requests().is_empty(),
+        "the busy pod was drained"
+    );
     for fake in &fakes {
         assert_eq!(fake.drain_requests().len(), 1, "{} drained once", fake.ip);
     }
-    let p = get_pbx(&pbxes, "pbx").await;
+    let p = get_pbx(&t.pbxes, "pbx").await;
     assert_eq!(p.status.map(|s| s.desired_replicas), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_is_deleted_with_the_sippbx_when_not_kept() {
-    let client = cluster().admin().await;
     let ns = "nokeep";
-    namespace(&client, ns).await;
-    let _op = Operator::start(ns, "op-1").await;
-    let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
     let spec = json!({"cdr": {"keepOnDelete": false}});
-    pbxes
-        .create(&PostParams::default(), &sippbx("pbx", spec))
+    let t = setup(ns, "pbx", spec).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(t.client.clone(), ns);
+    let pvc = eventually("CDR claim", WAIT, || async {
+        claims.get_opt("pbx-cdr").await.ok().flatten()
+    })
+    .await;
+    assert!(owned_by(&pvc, &t.pbx));
+    t.pbxes
+        .delete("pbx", &DeleteParams::default())
         .await
-        .expect("create");
-    let pbx = get_pbx(&pbxes, "pbx").await;
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-    let pvc = eventually("CDR claim", WAIT, || async { claims.get_opt("pbx-cdr").await.ok().flatten() }).await;
-    assert!(owned_by(&pvc, &pbx));
-    pbxes.delete("pbx", &DeleteParams::default()).await.expect("delete");
+        .expect("delete");
     eventually("claim deleted", WAIT, || async {
-        claims.get_opt("pbx-cdr").await.ok()?.is_none().then_some(())
+        claims
+            .get_opt("pbx-cdr")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
 }
@@ -668,25 +751,40 @@ async fn two_replicas_share_one_lease() {
             .holder_identity
     };
     let a = Operator::start(ns, "op-a").await;
-    eventually("op-a leads", WAIT, || async { (holder().await? == "op-a").then_some(()) }).await;
+    eventually("op-a leads", WAIT, || async {
+        (holder().await? == "op-a").then_some(())
+    })
+    .await;
     let b = Operator::start(ns, "op-b").await;
     let b_metrics = eventually("op-b metrics", WAIT, || b.metrics()).await;
-    assert!(b_metrics.contains("sip_pbx_operator_leader 0"), "{b_metrics}");
+    assert!(
+        b_metrics.contains("sip_pbx_operator_leader 0"),
+        "{b_metrics}"
+    );
     assert_eq!(holder().await.as_deref(), Some("op-a"));
 
     // op-a stops (SIGTERM releases the lease): op-b takes over and reconciles.
     let pid = i32::try_from(a.child.id()).expect("pid");
     // SAFETY: sends SIGTERM to our own child process.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    eventually("op-b leads", WAIT, || async { (holder().await? == "op-b").then_some(()) }).await;
+    eventually("op-b leads", WAIT, || async {
+        (holder().await? == "op-b").then_some(())
+    })
+    .await;
     let pbxes: Api<SipPbx> = Api::namespaced(client.clone(), ns);
     pbxes
         .create(&PostParams::default(), &sippbx("pbx", json!({})))
         .await
         .expect("create");
     let deploy: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    eventually("Deployment from op-b", WAIT, || async { deploy.get_opt("pbx").await.ok().flatten() }).await;
+    eventually("Deployment from op-b", WAIT, || async {
+        deploy.get_opt("pbx").await.ok().flatten()
+    })
+    .await;
     let b_metrics = eventually("op-b metrics", WAIT, || b.metrics()).await;
-    assert!(b_metrics.contains("sip_pbx_operator_leader 1"), "{b_metrics}");
+    assert!(
+        b_metrics.contains("sip_pbx_operator_leader 1"),
+        "{b_metrics}"
+    );
     drop(a);
 }
