@@ -158,3 +158,6 @@ impl Desired {
             .join(""))
     }
 }
+
+#[cfg(test)]
+mod tests;
