@@ -153,8 +153,9 @@ pub async fn reconcile(pbx: Arc<SipPbx>, ctx: Arc<Context>) -> Result<Action, Er
         let history = histories
             .entry(key(&pbx))
             .or_insert_with(|| History::starting(now, current.unwrap_or(pbx.spec.replicas)));
-        desired_replicas(&pbx.spec, &calls, history, now)
+        desired_replicas(&pbx.spec, &calls, history, now, current.unwrap_or(0))
     };
+    tracing::debug!(sippbx = %key(&pbx), ?current, desired = obs.desired, ?calls, "scaling decision");
 
     let replicas = match current {
         Some(current) if obs.desired < current => {

@@ -56,11 +56,14 @@ impl History {
 
 /// Replicas `spec` asks for: its own policy on the pods' calls when
 /// autoscaling is on (stabilized through `history`), otherwise spec.replicas.
+/// While some pod's calls are unknown the policy does not go below `current`:
+/// a pod that did not answer is not a pod without calls.
 pub fn desired_replicas(
     spec: &SipPbxSpec,
     pods: &[PodCalls],
     history: &mut History,
     now: Instant,
+    current: i32,
 ) -> i32 {
     let a = &spec.autoscaling;
     if !a.enabled {
@@ -75,7 +78,12 @@ pub fn desired_replicas(
     );
     let window =
         Duration::from_secs(u64::try_from(a.scale_down_stabilization_seconds).unwrap_or(0));
-    history.stabilize(now, window, recommendation)
+    let stabilized = history.stabilize(now, window, recommendation);
+    if pods.iter().any(|p| p.active_calls.is_none()) {
+        stabilized.max(current)
+    } else {
+        stabilized
+    }
 }
 
 /// The `count` pods a scale-in removes: pods already draining first, then the
@@ -180,16 +188,21 @@ mod tests {
     }
 
     #[test]
-    fn desired_replicas_uses_spec_or_policy() {
+    fn desired_replicas_table() {
         let mut spec: SipPbxSpec = serde_json::from_str(r#"{"replicas": 3}"#).expect("spec");
-        let pods = [
-            pod("a", Some(120), false),
-            pod("b", Some(30), false),
-            pod("c", None, false),
-        ];
-        let mut h = History::default();
         let now = Instant::now();
-        assert_eq!(desired_replicas(&spec, &pods, &mut h, now), 3);
+        let calls = |c: &[Option<i64>]| -> Vec<PodCalls> {
+            c.iter()
+                .enumerate()
+                .map(|(i, c)| pod(&format!("p{i}"), *c, false))
+                .collect()
+        };
+        // Autoscaling off: spec.replicas, whatever the calls.
+        let mut h = History::default();
+        assert_eq!(
+            desired_replicas(&spec, &calls(&[Some(900)]), &mut h, now, 1),
+            3
+        );
         spec.autoscaling = Autoscaling {
             enabled: true,
             min_replicas: 1,
@@ -197,10 +210,21 @@ mod tests {
             target_active_calls_per_pod: 50,
             scale_down_stabilization_seconds: 0,
         };
-        assert_eq!(desired_replicas(&spec, &pods, &mut h, now), 3);
-        spec.autoscaling.max_replicas = 2;
-        let later = now + Duration::from_secs(1);
-        assert_eq!(desired_replicas(&spec, &pods, &mut h, later), 2);
+        // (pods' calls, current replicas, want)
+        let cases: [(&[Option<i64>], i32, i32); 6] = [
+            (&[Some(120), Some(30)], 2, 3),
+            (&[Some(10), Some(0)], 3, 1),
+            (&[Some(10), None], 3, 3),
+            (&[Some(200), None], 2, 4),
+            (&[Some(1000)], 1, 5),
+            (&[], 2, 1),
+        ];
+        for (i, (pods, current, want)) in cases.into_iter().enumerate() {
+            let mut h = History::default();
+            let at = now + Duration::from_secs(u64::try_from(i).unwrap_or(0));
+            let got = desired_replicas(&spec, &calls(pods), &mut h, at, current);
+            assert_eq!(got, want, "calls {pods:?} current {current}");
+        }
     }
 
     #[test]

@@ -334,6 +334,10 @@ async fn apply_makes_every_object_and_ready_pods_make_it_ready() {
     .await;
     let metrics = t.op.metrics().await.expect("operator /metrics");
     assert!(metrics.contains("sip_pbx_operator_leader 1"), "{metrics}");
+    let health = reqwest::get(format!("http://127.0.0.1:{}/health", t.op.metrics_port))
+        .await
+        .expect("operator /health");
+    assert!(health.status().is_success());
 
     // Deleting the SipPbx removes its children (garbage collector), but the CDR claim stays.
     t.pbxes
@@ -787,4 +791,27 @@ async fn two_replicas_share_one_lease() {
         "{b_metrics}"
     );
     drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_docs_reach_kubectl_explain() {
+    // kubectl explain reads the server's OpenAPI document, built from the CRD schema.
+    let client = cluster().admin().await;
+    let doc = eventually("SipPbx in /openapi/v2", WAIT, || async {
+        let req = http::Request::get("/openapi/v2").body(Vec::new()).ok()?;
+        let text = client.request_text(req).await.ok()?;
+        text.contains("dev.pbx.sip.v1alpha1.SipPbx").then_some(text)
+    })
+    .await;
+    let doc: serde_json::Value = serde_json::from_str(&doc).expect("OpenAPI JSON");
+    let spec = &doc["definitions"]["dev.pbx.sip.v1alpha1.SipPbx"]["properties"]["spec"];
+    let replicas = spec["properties"]["replicas"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(replicas.starts_with("Number of PBX pods."), "{replicas}");
+    let target = spec["properties"]["autoscaling"]["properties"]["targetActiveCallsPerPod"]
+        ["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(target.contains("ceil(total active calls"), "{target}");
 }
