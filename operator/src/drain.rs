@@ -1,5 +1,6 @@
 //! Scale-in without cutting calls: reads the pods' calls, drains the chosen
-//! victims, and tells the reconciler when the Deployment may shrink.
+//! victims, deletes them once empty, and tells the reconciler when the
+//! Deployment may shrink.
 //!
 //! The drain start time lives in a pod annotation, so a restarted or newly
 //! elected operator continues a scale-in where the last one stopped.
@@ -9,12 +10,12 @@ use std::time::Duration;
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use crate::scaling::{pick_victims, PodCalls};
-use crate::stats::StatsClient;
+use crate::stats::{PodStats, StatsClient};
 
 /// Pod annotation: when the operator told the pod to drain (RFC 3339).
 pub const DRAIN_STARTED_ANNOTATION: &str = "sip.pbx.dev/drain-started";
@@ -103,10 +104,13 @@ impl Pods {
     /// pod that does not answer is `None` (never assumed empty).
     pub async fn calls(&self, pods: &[PodInfo]) -> Vec<PodCalls> {
         join_all(pods.iter().map(|p| async move {
-            let active_calls = match &p.ip {
-                None => Some(0),
+            let stats = match &p.ip {
+                None => Some(PodStats {
+                    active_calls: 0,
+                    draining: false,
+                }),
                 Some(ip) => match self.stats.stats(ip, self.port).await {
-                    Ok(s) => Some(s.active_calls),
+                    Ok(s) => Some(s),
                     Err(err) => {
                         tracing::warn!(pod = %p.name, error = %err, "pod stats unavailable");
                         None
@@ -115,8 +119,9 @@ impl Pods {
             };
             PodCalls {
                 name: p.name.clone(),
-                active_calls,
+                active_calls: stats.map(|s| s.active_calls),
                 draining: p.drain_started.is_some(),
+                reports_draining: stats.is_some_and(|s| s.draining),
             }
         }))
         .await
@@ -140,25 +145,24 @@ impl Pods {
             let Some(pod) = pods.iter().find(|p| &p.name == name) else {
                 continue;
             };
+            let seen = calls.iter().find(|c| &c.name == name);
+            // Told again until it says it drains: a pod marked while it had no
+            // address yet must not take new calls once it has one.
+            if let (Some(ip), false) = (&pod.ip, seen.is_some_and(|c| c.reports_draining)) {
+                if let Err(err) = self.stats.drain(ip, self.port, token).await {
+                    tracing::warn!(pod = %name, error = %err, "drain request failed");
+                }
+            }
             let since = match pod.drain_started {
                 Some(since) => since,
                 None => {
-                    if let Some(ip) = &pod.ip {
-                        if let Err(err) = self.stats.drain(ip, self.port, token).await {
-                            tracing::warn!(pod = %name, error = %err, "drain request failed");
-                        }
-                    }
                     self.annotate(name, json!({ DRAIN_STARTED_ANNOTATION: now.to_string() }))
                         .await?;
                     started.push(name.clone());
                     now
                 }
             };
-            let pod_calls = calls
-                .iter()
-                .find(|c| &c.name == name)
-                .and_then(|c| c.active_calls);
-            if !drained(pod_calls, since, now, timeout) {
+            if !drained(seen.and_then(|c| c.active_calls), since, now, timeout) {
                 draining.push(name.clone());
             }
         }
@@ -168,8 +172,25 @@ impl Pods {
         for name in &victims {
             self.annotate(name, json!({ DELETION_COST_ANNOTATION: "-1000" }))
                 .await?;
+            self.delete(name).await?;
         }
         Ok(ScaleIn::Done { victims })
+    }
+
+    /// Deletes a drained pod before the Deployment shrinks. Servers before
+    /// 1.22 ignore the deletion cost, so the ReplicaSet could otherwise remove a
+    /// busy pod; a replacement it may start meanwhile is Pending, and so the
+    /// pod it removes when the replicas go down.
+    async fn delete(&self, pod: &str) -> Result<(), PodError> {
+        match self.api.delete(pod, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(source) => Err(PodError {
+                action: "delete",
+                selector: pod.to_string(),
+                source,
+            }),
+        }
     }
 
     /// Removes drain marks from pods when no scale-in is under way (it was

@@ -11,8 +11,10 @@ pub struct PodCalls {
     pub name: String,
     /// Active calls it reported; `None` when it could not be asked.
     pub active_calls: Option<i64>,
-    /// It is already draining (told by the operator).
+    /// The operator has marked it for draining.
     pub draining: bool,
+    /// The pod itself reports that it is draining.
+    pub reports_draining: bool,
 }
 
 /// Pods wanted for `total_active` calls: ceil(total / target), within min..=max.
@@ -118,6 +120,7 @@ mod tests {
             name: name.into(),
             active_calls: calls,
             draining,
+            reports_draining: draining,
         }
     }
 
