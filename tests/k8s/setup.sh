@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds (once per machine) the Kubernetes 1.20 API server and controller
-# manager that the operator's end-to-end tests start, and installs etcd.
+# Builds (once per machine) the Kubernetes 1.20 API server, controller
+# manager and kubectl that the operator's end-to-end tests use, and installs
+# etcd and openssl.
 #
 # The binaries are cached outside the clone, in $SIP_PBX_K8S_CACHE
 # (default /var/cache/sip-pbx-k8s/bin); a second run only checks they are there.
@@ -26,14 +27,20 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "$@"
 }
 
-if ! command -v etcd >/dev/null; then
+PROGRAMS=(kube-apiserver kube-controller-manager kubectl)
+
+if ! command -v etcd >/dev/null || ! command -v openssl >/dev/null; then
     need_root
     apt-get -o DPkg::Lock::Timeout=600 update
-    apt_install etcd-server
+    apt_install etcd-server openssl
 fi
 
-if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ]; then
-    echo "setup.sh: kube-apiserver and kube-controller-manager cached in $BIN"
+cached=yes
+for b in "${PROGRAMS[@]}"; do
+    [ -x "$BIN/$b" ] || cached=no
+done
+if [ "$cached" = yes ]; then
+    echo "setup.sh: ${PROGRAMS[*]} cached in $BIN"
     exit 0
 fi
 
@@ -75,8 +82,8 @@ for pkg in modern-go/reflect2 json-iterator/go; do
     rsync -a --delete --exclude '*_test.go' "$GOCODE/$pkg/" "$TREE/vendor/github.com/$pkg/"
 done
 
-(cd "$TREE" && nice -n 10 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager")
-for b in kube-apiserver kube-controller-manager; do
+(cd "$TREE" && nice -n 10 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kubectl")
+for b in "${PROGRAMS[@]}"; do
     install -m 0755 "$TREE/_output/local/go/bin/$b" "$BIN/$b.tmp"
     mv "$BIN/$b.tmp" "$BIN/$b"
 done

@@ -53,7 +53,8 @@ pub fn cluster() -> &'static Cluster {
     })
 }
 
-fn bin_dir() -> PathBuf {
+/// Where tests/k8s/setup.sh caches the Kubernetes binaries.
+pub fn bin_dir() -> PathBuf {
     std::env::var_os("SIP_PBX_K8S_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/sip-pbx-k8s/bin"))
@@ -119,6 +120,7 @@ fn which(program: &str) -> Result<PathBuf, String> {
 fn launch() -> Result<(Cluster, Vec<Child>), String> {
     let apiserver = require(bin_dir().join("kube-apiserver"))?;
     let kcm = require(bin_dir().join("kube-controller-manager"))?;
+    require(bin_dir().join("kubectl"))?;
     let etcd = which("etcd")?;
     let dir =
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("k8s-{}", std::process::id()));

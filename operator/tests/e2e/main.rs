@@ -798,25 +798,74 @@ async fn two_replicas_share_one_lease() {
     drop(a);
 }
 
+/// Runs the cluster's own kubectl (1.20, built by tests/k8s/setup.sh) as admin.
+fn kubectl_run(args: &[&str]) -> std::process::Output {
+    let c = cluster();
+    std::process::Command::new(cluster::bin_dir().join("kubectl"))
+        .arg(format!(
+            "--kubeconfig={}",
+            c.dir.join("admin.kubeconfig").display()
+        ))
+        .args(args)
+        .output()
+        .expect("kubectl runs (tests/k8s/setup.sh builds it)")
+}
+
+/// `kubectl_run`, which must succeed; its standard output.
+fn kubectl(args: &[&str]) -> String {
+    let out = kubectl_run(args);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn field_docs_reach_kubectl_explain() {
-    // kubectl explain reads the server's OpenAPI document, built from the CRD schema.
-    let client = cluster().admin().await;
-    let doc = eventually("SipPbx in /openapi/v2", WAIT, || async {
-        let req = http::Request::get("/openapi/v2").body(Vec::new()).ok()?;
-        let text = client.request_text(req).await.ok()?;
-        text.contains("dev.pbx.sip.v1alpha1.SipPbx").then_some(text)
+async fn kubectl_scale_get_and_explain() {
+    let ns = "kubectl";
+    let port = free_port();
+    let spec = json!({"replicas": 1, "config": {"monitoring": {"healthCheckPort": port}}});
+    let t = setup(ns, "pbx", spec).await;
+    let _fakes = ready_pods(&t.client, ns, "pbx", 1, 7, port, &[2]).await;
+
+    kubectl(&["-n", ns, "scale", "sippbx", "pbx", "--replicas=2"]);
+    wait_replicas(&t.deploy, "pbx", 2).await;
+
+    // Printer columns, filled from status.
+    let table = eventually("kubectl get shows the calls", WAIT, || async {
+        let table = kubectl(&["-n", ns, "get", "sippbx", "pbx"]);
+        table
+            .lines()
+            .nth(1)?
+            .split_whitespace()
+            .nth(3)?
+            .eq("2")
+            .then_some(table)
     })
     .await;
-    let doc: serde_json::Value = serde_json::from_str(&doc).expect("OpenAPI JSON");
-    let spec = &doc["definitions"]["dev.pbx.sip.v1alpha1.SipPbx"]["properties"]["spec"];
-    let replicas = spec["properties"]["replicas"]["description"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(replicas.starts_with("Number of PBX pods."), "{replicas}");
-    let target = spec["properties"]["autoscaling"]["properties"]["targetActiveCallsPerPod"]
-        ["description"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(target.contains("ceil(total active calls"), "{target}");
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split("  ")
+        .filter(|c| !c.is_empty())
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "REPLICAS", "READY", "ACTIVE CALLS", "AGE"],
+        "{table}"
+    );
+
+    // kubectl explain reads the descriptions from the CRD schema.
+    let explained = eventually("kubectl explain", WAIT, || async {
+        let out = kubectl_run(&["explain", "sippbx.spec.autoscaling.targetActiveCallsPerPod"]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .await;
+    assert!(explained.contains("ceil(total active calls"), "{explained}");
 }
