@@ -719,7 +719,7 @@ async fn autoscaling_follows_active_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claim_is_deleted_with_the_sippbx_when_not_kept() {
+async fn claim_changes_and_deletion_when_not_kept() {
     let ns = "nokeep";
     let spec = json!({"cdr": {"keepOnDelete": false}});
     let t = setup(ns, "pbx", spec).await;
@@ -729,6 +729,38 @@ async fn claim_is_deleted_with_the_sippbx_when_not_kept() {
     })
     .await;
     assert!(owned_by(&pvc, &t.pbx));
+
+    // A change the server refuses (a bound claim's access modes are immutable)
+    // is reported as Degraded, and retried with backoff until it is undone.
+    let degraded = |want: &'static str| {
+        let pbxes = t.pbxes.clone();
+        async move {
+            eventually(&format!("Degraded {want}"), WAIT, || async {
+                let p = get_pbx(&pbxes, "pbx").await;
+                let (status, reason, message) = condition(&p, "Degraded")?;
+                (status == want).then(|| format!("{reason}: {message}"))
+            })
+            .await
+        }
+    };
+    patch_spec(
+        &t.pbxes,
+        "pbx",
+        json!({"cdr": {"storage": {"accessModes": ["ReadWriteOnce"]}}}),
+    )
+    .await;
+    let message = degraded("True").await;
+    assert!(
+        message.starts_with("ApplyFailed: apply PersistentVolumeClaim pbx-cdr"),
+        "{message}"
+    );
+    patch_spec(
+        &t.pbxes,
+        "pbx",
+        json!({"cdr": {"storage": {"accessModes": ["ReadWriteMany"]}}}),
+    )
+    .await;
+    degraded("False").await;
     t.pbxes
         .delete("pbx", &DeleteParams::default())
         .await
