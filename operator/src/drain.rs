@@ -70,6 +70,7 @@ pub struct Pods {
     api: Api<Pod>,
     stats: StatsClient,
     port: i32,
+    token: String,
 }
 
 /// A pod API call failed.
@@ -82,8 +83,15 @@ pub struct PodError {
 }
 
 impl Pods {
-    pub fn new(api: Api<Pod>, stats: StatsClient, port: i32) -> Self {
-        Pods { api, stats, port }
+    /// Pods reached through `api`, their HTTP API on `port`, told to drain
+    /// with the admin `token`.
+    pub fn new(api: Api<Pod>, stats: StatsClient, port: i32, token: String) -> Self {
+        Pods {
+            api,
+            stats,
+            port,
+            token,
+        }
     }
 
     /// The live pods matching `selector`.
@@ -134,7 +142,6 @@ impl Pods {
         pods: &[PodInfo],
         calls: &[PodCalls],
         excess: usize,
-        token: &str,
         timeout: Duration,
         now: Timestamp,
     ) -> Result<ScaleIn, PodError> {
@@ -149,7 +156,7 @@ impl Pods {
             // Told again until it says it drains: a pod marked while it had no
             // address yet must not take new calls once it has one.
             if let (Some(ip), false) = (&pod.ip, seen.is_some_and(|c| c.reports_draining)) {
-                if let Err(err) = self.stats.drain(ip, self.port, token).await {
+                if let Err(err) = self.stats.drain(ip, self.port, &self.token).await {
                     tracing::warn!(pod = %name, error = %err, "drain request failed");
                 }
             }

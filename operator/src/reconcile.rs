@@ -17,13 +17,13 @@ use serde_json::json;
 
 use crate::apply::{Applier, ApplyError};
 use crate::crd::SipPbx;
-use crate::drain::{PodError, Pods, ScaleIn};
+use crate::drain::{PodError, PodInfo, Pods, ScaleIn};
 use crate::metrics::Metrics;
 use crate::objects::{self, config_hash, selector_string, ConfigError};
-use crate::scaling::{desired_replicas, History};
+use crate::scaling::{desired_replicas, History, PodCalls};
 use crate::stats::StatsClient;
 use crate::status::{self, types, Observed};
-use crate::validate::{blocks_apply, validate};
+use crate::validate::{blocks_apply, summary, validate};
 
 /// Requeue while pods drain.
 const DRAIN_POLL: Duration = Duration::from_secs(2);
@@ -124,12 +124,7 @@ pub async fn reconcile(pbx: Arc<SipPbx>, ctx: Arc<Context>) -> Result<Action, Er
     if blocks_apply(&obs.problems) {
         obs.desired = pbx.spec.replicas;
         if previous_reason(&pbx, types::DEGRADED) != Some("InvalidSpec") {
-            let note = obs
-                .problems
-                .iter()
-                .map(|p| p.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; ");
+            let note = summary(&obs.problems);
             ctx.event(&pbx, EventType::Warning, "InvalidSpec", note)
                 .await;
         }
@@ -143,6 +138,7 @@ pub async fn reconcile(pbx: Arc<SipPbx>, ctx: Arc<Context>) -> Result<Action, Er
         Api::namespaced(ctx.client.clone(), &ns),
         ctx.stats.clone(),
         pbx.spec.config.monitoring.health_check_port,
+        token,
     );
     let infos = pods.list(&obs.selector).await?;
     let calls = pods.calls(&infos).await;
@@ -157,49 +153,7 @@ pub async fn reconcile(pbx: Arc<SipPbx>, ctx: Arc<Context>) -> Result<Action, Er
     };
     tracing::debug!(sippbx = %key(&pbx), ?current, desired = obs.desired, ?calls, "scaling decision");
 
-    let replicas = match current {
-        Some(current) if obs.desired < current => {
-            let excess = usize::try_from(current - obs.desired).unwrap_or(0);
-            let timeout =
-                Duration::from_secs(u64::try_from(pbx.spec.drain.timeout_seconds).unwrap_or(0));
-            match pods
-                .scale_in_step(&infos, &calls, excess, &token, timeout, Timestamp::now())
-                .await?
-            {
-                ScaleIn::Done { victims } => {
-                    let note = format!(
-                        "drained {}; scaling in to {}",
-                        victims.join(", "),
-                        obs.desired
-                    );
-                    ctx.event(&pbx, EventType::Normal, "ScaledIn", note).await;
-                    obs.desired
-                }
-                ScaleIn::Waiting { draining, started } => {
-                    if !started.is_empty() {
-                        for _ in &started {
-                            Metrics::inc(&ctx.metrics.drains_started);
-                        }
-                        let note = format!(
-                            "draining {} before scaling in to {}",
-                            started.join(", "),
-                            obs.desired
-                        );
-                        ctx.event(&pbx, EventType::Normal, "DrainStarted", note)
-                            .await;
-                    }
-                    obs.draining = draining;
-                    current
-                }
-            }
-        }
-        _ => {
-            if infos.len() <= usize::try_from(obs.desired).unwrap_or(0) {
-                pods.clear_marks(&infos).await?;
-            }
-            obs.desired
-        }
-    };
+    let replicas = replicas_to_apply(&ctx, &pbx, &pods, &infos, &calls, current, &mut obs).await?;
     obs.deployment_replicas = replicas;
     obs.scaled = current.is_some_and(|c| c != replicas);
 
@@ -226,6 +180,63 @@ pub async fn reconcile(pbx: Arc<SipPbx>, ctx: Arc<Context>) -> Result<Action, Er
     } else {
         IDLE_RESYNC
     }))
+}
+
+/// The Deployment's replicas for this reconcile: `obs.desired` at once when
+/// scaling up, or after the pods to remove are drained when scaling in
+/// (until then the current count, with `obs.draining` set).
+async fn replicas_to_apply(
+    ctx: &Context,
+    pbx: &SipPbx,
+    pods: &Pods,
+    infos: &[PodInfo],
+    calls: &[PodCalls],
+    current: Option<i32>,
+    obs: &mut Observed,
+) -> Result<i32, Error> {
+    Ok(match current {
+        Some(current) if obs.desired < current => {
+            let excess = usize::try_from(current - obs.desired).unwrap_or(0);
+            let timeout =
+                Duration::from_secs(u64::try_from(pbx.spec.drain.timeout_seconds).unwrap_or(0));
+            match pods
+                .scale_in_step(infos, calls, excess, timeout, Timestamp::now())
+                .await?
+            {
+                ScaleIn::Done { victims } => {
+                    let note = format!(
+                        "drained {}; scaling in to {}",
+                        victims.join(", "),
+                        obs.desired
+                    );
+                    ctx.event(pbx, EventType::Normal, "ScaledIn", note).await;
+                    obs.desired
+                }
+                ScaleIn::Waiting { draining, started } => {
+                    if !started.is_empty() {
+                        for _ in &started {
+                            Metrics::inc(&ctx.metrics.drains_started);
+                        }
+                        let note = format!(
+                            "draining {} before scaling in to {}",
+                            started.join(", "),
+                            obs.desired
+                        );
+                        ctx.event(pbx, EventType::Normal, "DrainStarted", note)
+                            .await;
+                    }
+                    obs.draining = draining;
+                    current
+                }
+            }
+        }
+        _ => {
+            if infos.len() <= usize::try_from(obs.desired).unwrap_or(0) {
+                pods.clear_marks(infos).await?;
+            }
+            obs.desired
+        }
+    })
 }
 
 /// Events for what this reconcile changed on the Deployment.

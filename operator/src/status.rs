@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::SipPbxStatus;
-use crate::validate::{blocks_apply, Problem};
+use crate::validate::{blocks_apply, summary, Problem};
 
 /// What one reconcile saw and did.
 #[derive(Clone, Debug, Default)]
@@ -133,12 +133,7 @@ fn degraded(obs: &Observed) -> Cond {
         let message = "the spec is valid and applied".to_string();
         return (types::DEGRADED, false, "AsExpected", message);
     }
-    let message = obs
-        .problems
-        .iter()
-        .map(|p| p.message.as_str())
-        .collect::<Vec<_>>()
-        .join("; ");
+    let message = summary(&obs.problems);
     let reason = if blocks_apply(&obs.problems) {
         "InvalidSpec"
     } else {

@@ -102,6 +102,15 @@ pub fn validate(spec: &SipPbxSpec) -> Vec<Problem> {
     problems
 }
 
+/// All problems' messages on one line.
+pub fn summary(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| p.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// True when some problem stops the spec from being applied.
 pub fn blocks_apply(problems: &[Problem]) -> bool {
     problems.iter().any(|p| p.severity == Severity::Invalid)

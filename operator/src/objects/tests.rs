@@ -279,23 +279,3 @@ fn replicas_and_pdb() {
         "office"
     );
 }
-
-#[test]
-fn render_yaml_lists_every_object() {
-    let yaml = built(json!({})).to_yaml().expect("yaml");
-    let kinds: Vec<&str> = yaml
-        .lines()
-        .filter_map(|l| l.strip_prefix("kind: "))
-        .collect();
-    assert_eq!(
-        kinds,
-        [
-            "ConfigMap",
-            "Deployment",
-            "Service",
-            "Service",
-            "PersistentVolumeClaim",
-            "PodDisruptionBudget"
-        ]
-    );
-}
