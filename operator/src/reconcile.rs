@@ -86,7 +86,7 @@ impl Context {
         let event = Event {
             type_,
             reason: reason.into(),
-            note: Some(note),
+            note: Some(truncate(note, EVENT_NOTE_MAX)),
             action: reason.into(),
             secondary: None,
         };
@@ -94,6 +94,22 @@ impl Context {
             tracing::warn!(error = %err, reason, "cannot publish event");
         }
     }
+}
+
+/// Longest note the API server accepts on an Event.
+const EVENT_NOTE_MAX: usize = 1024;
+
+/// `text` cut to at most `max` bytes (on a character boundary), marked with "...".
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 fn key(pbx: &SipPbx) -> String {
@@ -334,6 +350,14 @@ fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_notes_fit_the_limit() {
+        assert_eq!(truncate("short".into(), 1024), "short");
+        let long = "é".repeat(600);
+        let cut = truncate(long, 1024);
+        assert!(cut.len() <= 1024 && cut.ends_with("..."), "{}", cut.len());
+    }
 
     #[test]
     fn backoff_doubles_to_a_cap() {

@@ -28,7 +28,8 @@ use fakepod::FakePbx;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// An operator process; killed when dropped.
+/// An operator process; killed when dropped, and then its log must show no
+/// request the ServiceAccount was not allowed to make.
 struct Operator {
     child: Child,
     log: PathBuf,
@@ -39,6 +40,13 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let log = self.log();
+            assert!(
+                !log.contains("code: 403"),
+                "the operator's ServiceAccount lacks a permission:\n{log}"
+            );
+        }
     }
 }
 
@@ -367,7 +375,6 @@ async fn apply_makes_every_object_and_ready_pods_make_it_ready() {
             .expect("get")
             .is_some()
     );
-    assert!(!t.op.log().contains("forbidden"), "{}", t.op.log());
 }
 
 async fn patch_spec(api: &Api<SipPbx>, name: &str, spec: serde_json::Value) {
@@ -761,6 +768,8 @@ async fn claim_changes_and_deletion_when_not_kept() {
     )
     .await;
     degraded("False").await;
+    let reasons = events(&t.client, ns).await;
+    assert!(reasons.iter().any(|r| r == "ApplyFailed"), "{reasons:?}");
     t.pbxes
         .delete("pbx", &DeleteParams::default())
         .await
