@@ -836,6 +836,19 @@ async fn two_replicas_share_one_lease() {
         b_metrics.contains("sip_pbx_operator_leader 1"),
         "{b_metrics}"
     );
+
+    // op-b dies without releasing: op-c takes over once the lease expires.
+    let c = Operator::start(ns, "op-c").await;
+    eventually("op-c waits", WAIT, || c.metrics()).await;
+    let pid = i32::try_from(b.child.id()).expect("pid");
+    // SAFETY: sends SIGKILL to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    eventually("op-c leads", WAIT, || async {
+        (holder().await? == "op-c").then_some(())
+    })
+    .await;
+    patch_spec(&pbxes, "pbx", json!({"replicas": 2})).await;
+    wait_replicas(&deploy, "pbx", 2).await;
     drop(a);
 }
 
