@@ -1,12 +1,12 @@
 //! The operator's own `/metrics` (Prometheus text) and `/health` endpoints.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
+use tokio::net::TcpListener;
 
 /// Counters the operator exports.
 #[derive(Debug, Default)]
@@ -64,8 +64,8 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/health` on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+/// Serves `/metrics` and `/health` on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let app = Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route(
@@ -73,7 +73,6 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             get(|State(m): State<Arc<Metrics>>| async move { m.render() }),
         )
         .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
 }
 

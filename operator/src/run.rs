@@ -41,7 +41,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
     let metrics = Arc::new(Metrics::default());
-    let server = metrics::serve(opts.metrics_addr, metrics.clone());
+    let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.metrics_addr))?;
+    let server = metrics::serve(listener, metrics.clone());
     tokio::spawn(async move {
         if let Err(err) = server.await {
             tracing::error!(error = %err, "metrics server stopped");
@@ -62,7 +65,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tracing::info!(identity = %opts.identity, lease = %opts.lease_name, "leading");
 
     let result = tokio::select! {
-        () = controller(client, &opts, metrics.clone()) => Ok(()),
+        done = controller(client, &opts, metrics.clone()) => done,
         lost = keep_leading(&elector, opts.lease_duration) => lost,
         () = shutdown_signal() => Ok(()),
     };
@@ -100,21 +103,15 @@ async fn keep_leading(elector: &Elector, duration: Duration) -> anyhow::Result<(
     }
 }
 
-async fn controller(client: Client, opts: &RunOptions, metrics: Arc<Metrics>) {
-    let pdb = match pdb_resource(&client).await {
-        Ok(pdb) => pdb,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot discover the policy API group");
-            return;
-        }
-    };
-    let stats = match StatsClient::new(opts.stats_timeout) {
-        Ok(stats) => stats,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot build the HTTP client");
-            return;
-        }
-    };
+async fn controller(
+    client: Client,
+    opts: &RunOptions,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let pdb = pdb_resource(&client)
+        .await
+        .context("cannot discover the policy API group")?;
+    let stats = StatsClient::new(opts.stats_timeout).context("cannot build the HTTP client")?;
     let reporter = Reporter {
         controller: "sip-pbx-operator".into(),
         instance: Some(opts.identity.clone()),
@@ -156,6 +153,7 @@ async fn controller(client: Client, opts: &RunOptions, metrics: Arc<Metrics>) {
             }
         })
         .await;
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -1,4 +1,4 @@
-//! `sip-pbx-operator render -f FILE` needs no cluster.
+//! The command line: `render -f FILE` needs no cluster; `run` says what is missing.
 
 use std::process::Command;
 
@@ -62,4 +62,18 @@ fn names_a_missing_file() {
     let out = render("/nonexistent/sippbx.yaml");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/sippbx.yaml"));
+}
+
+#[test]
+fn run_without_a_cluster_says_so() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sip-pbx-operator"))
+        .args(["run", "--metrics-addr", "127.0.0.1:0"])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env("HOME", "/nonexistent")
+        .output()
+        .expect("run sip-pbx-operator run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no Kubernetes configuration"), "{err}");
 }
