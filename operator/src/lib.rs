@@ -1,1 +1,16 @@
-//! The sip-pbx Kubernetes operator (placeholder until the operator issue lands).
+//! sip-pbx-operator: reconciles `SipPbx` resources into a running, call-aware
+//! scaled SIP PBX.
+
+pub mod apply;
+pub mod crd;
+pub mod drain;
+pub mod leader;
+pub mod metrics;
+pub mod objects;
+pub mod reconcile;
+pub mod render;
+pub mod run;
+pub mod scaling;
+pub mod stats;
+pub mod status;
+pub mod validate;
