@@ -13,3 +13,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# kube-apiserver, kube-controller-manager and etcd for the operator tests
+# (built once per machine, cached outside the clone).
+"$(dirname "$0")/k8s/setup.sh"
