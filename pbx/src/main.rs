@@ -86,11 +86,28 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("sip-pbx: {e:#}");
+            let report = report(&e);
+            tracing::error!("{report}");
+            eprintln!("sip-pbx: {report}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once even where a
+/// message already quotes its source.
+fn report(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -329,7 +329,9 @@ fn silent_call_ends_at_rtp_timeout_with_bye_on_both_legs() {
 
 /// Two seconds of a PCMU tone as a WAV file (format 7: G.711 mu-law).
 fn tone_wav() -> Vec<u8> {
-    let samples: Vec<u8> = (0..16_000u32).map(|i| if i % 16 < 8 { 0x10 } else { 0x90 }).collect();
+    let samples: Vec<u8> = (0..16_000u32)
+        .map(|i| if i % 16 < 8 { 0x10 } else { 0x90 })
+        .collect();
     let mut wav = Vec::new();
     wav.extend_from_slice(b"RIFF");
     wav.extend_from_slice(&(36 + samples.len() as u32).to_le_bytes());
@@ -368,11 +370,20 @@ fn sipp_rtp_stream_is_echoed_back_through_the_relay() {
         .spawn(uas_port);
     let uac = sip_pbx_e2e::Sipp::new("uac_rtp.xml", sip_pbx_e2e::free_port())
         .file("tone.wav", &tone_wav())
-        .args(["-m", "1", "-s", "1002", "-mp", &(sip_pbx_e2e::free_port() & !1).to_string()])
+        .args([
+            "-m",
+            "1",
+            "-s",
+            "1002",
+            "-mp",
+            &(sip_pbx_e2e::free_port() & !1).to_string(),
+        ])
         .arg(pbx.sip_addr().to_string())
         .run();
     sip_pbx_e2e::assert_sipp_ok(&uac, "caller streaming RTP");
     sip_pbx_e2e::assert_sipp_ok(&uas.finish(LIMIT), "callee echoing RTP");
     // 2 s at 50 packets/s out, echoed back: both directions cross the relay.
-    wait_until(LIMIT, "relayed packets counted", || relayed_packets(&pbx) >= 150.0);
+    wait_until(LIMIT, "relayed packets counted", || {
+        relayed_packets(&pbx) >= 150.0
+    });
 }

@@ -323,10 +323,11 @@ impl B2bua {
         self.routing.push(RouteRequest { call: key, user });
     }
 
-    /// A request that came back to us: one of our own branches in its Via.
+    /// A request that came back to us: one of our own branches in its Via
+    /// (on top when a B leg was routed straight back to this PBX).
     fn is_loop(&self, request: &Message, txl: &TransactionLayer) -> bool {
         let local = txl.local();
-        request.vias().skip(1).any(|via| {
+        request.vias().any(|via| {
             via.host == local.host
                 && via.port.unwrap_or(5060) == local.port
                 && via.branch().is_some_and(|b| txl.is_own_branch(b))
