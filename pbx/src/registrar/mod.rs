@@ -75,6 +75,8 @@ pub fn parse(request: &Message, limits: Limits) -> Result<Registration, Refusal>
         code,
         headers: Vec::new(),
     };
+    // An AOR that is no SIP URI with a user (RFC 4475 unksm2: `isbn:`) is
+    // not valid for this domain: 404 (RFC 3261 §10.3 step 3).
     let aor = request
         .to()
         .and_then(|to| to.uri.sip().and_then(SipUri::user_unescaped))
