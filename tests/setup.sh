@@ -2,7 +2,7 @@
 # Installs everything the test suite needs on a fresh Debian machine with a
 # Rust toolchain; safe to run again. Used by tests/run.sh and .ci/run.
 set -euo pipefail
-packages=(sip-tester)
+packages=(sip-tester redis-server baresip)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -103,6 +103,8 @@ pub struct AuthConfig {
     pub trusted_cidrs: Vec<String>,
     pub max_failures: u32,
     pub block_seconds: u64,
+    /// Seconds a challenge's nonce is good for; older ones get `stale=true`.
+    pub nonce_seconds: u64,
 }
 
 impl Default for AuthConfig {
@@ -115,6 +117,7 @@ impl Default for AuthConfig {
             trusted_cidrs: Vec::new(),
             max_failures: 5,
             block_seconds: 300,
+            nonce_seconds: 300,
         }
     }
 }
@@ -422,6 +425,9 @@ impl Config {
         }
         if self.auth.max_failures == 0 {
             bad("auth.max_failures", "must be at least 1".into());
+        }
+        if self.auth.nonce_seconds == 0 {
+            bad("auth.nonce_seconds", "must be at least 1".into());
         }
 
         if self.registrar.min_expires > self.registrar.max_expires {

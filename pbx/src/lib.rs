@@ -5,6 +5,7 @@
 //! webhooks, metrics, HTTP) follow calls through the `events` stream.
 //! `server` wires the signalling core together.
 
+pub mod auth;
 pub mod b2bua;
 pub mod cdr;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod logging;
 pub mod media;
 pub mod metrics;
 pub mod observers;
+pub mod registrar;
 pub mod server;
 pub mod sip;
 pub mod status;

@@ -6,14 +6,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use sip_pbx::b2bua::routing::NoRegistrations;
-use sip_pbx::config::{Config, MediaMode, LOG_LEVELS};
+use sip_pbx::auth::users::Directory;
+use sip_pbx::config::{Config, MediaMode, RegistrarStore, LOG_LEVELS};
 use sip_pbx::events::EventBus;
 use sip_pbx::logging::{self, TrafficLog};
 use sip_pbx::media::{DirectMedia, MediaStats, RelayMedia, SessionMedia};
 use sip_pbx::metrics::Metrics;
 use sip_pbx::observers;
+use sip_pbx::registrar::redis::RedisStore;
+use sip_pbx::registrar::store::{MemoryStore, Store};
+use sip_pbx::registrar::Registrar;
 use sip_pbx::server::{self, CoreParts};
+use sip_pbx::sip::transport::Protocol;
 use sip_pbx::status::PbxStatus;
 
 /// A SIP PBX (B2BUA with registrar, RTP relay, CDR and webhooks) for Kubernetes.
@@ -134,11 +138,42 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     spawn_signal_drain(Arc::clone(&status));
+    let users_file = (!config.auth.users_file.is_empty())
+        .then(|| std::path::PathBuf::from(&config.auth.users_file));
+    let directory = Directory::load(
+        &config.sip.domain,
+        &config.auth.users,
+        users_file.as_deref(),
+    )?;
+    if let Some(file) = users_file {
+        directory.watch(config.sip.domain.clone(), config.auth.users.clone(), file);
+    }
+    let store: Arc<dyn Store> = match config.registrar.store {
+        RegistrarStore::Memory => Arc::new(MemoryStore::default()),
+        RegistrarStore::Redis => Arc::new(RedisStore::new(&config.registrar.redis_url)?),
+    };
+    let instance =
+        std::net::SocketAddr::new(server::advertised_address(&config), config.sip.listen_port);
+    let instance_protocol = if config.sip.transport.udp() {
+        Protocol::Udp
+    } else {
+        Protocol::Tcp
+    };
+    let registrar = Arc::new(Registrar::new(
+        store,
+        directory.clone(),
+        instance,
+        instance_protocol,
+        bus.clone(),
+        Arc::clone(&status),
+    ));
+    registrar.spawn_sweeper();
     let core = server::run(CoreParts {
         config,
         media,
         media_events,
-        locator: Arc::new(NoRegistrations),
+        registrar,
+        directory,
         bus,
         status,
         metrics: observers.metrics.clone(),

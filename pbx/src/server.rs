@@ -9,15 +9,19 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::auth::users::Directory;
+use crate::auth::Authenticator;
 use crate::b2bua::call::CallKey;
-use crate::b2bua::routing::{Locator, RouteOutcome, Router};
+use crate::b2bua::routing::{RouteOutcome, Router};
 use crate::b2bua::{B2bua, CallSettings};
 use crate::config::{Config, TransportMode};
 use crate::events::{EndReason, EventBus};
 use crate::media::{MediaEvent, SessionMedia};
 use crate::metrics::Metrics;
+use crate::registrar::store::Binding;
+use crate::registrar::{Limits, RegisterError, Registrar};
 use crate::sip::message::Message;
-use crate::sip::transaction::{LocalAddress, TimerValues, TransactionLayer, TuEvent};
+use crate::sip::transaction::{LocalAddress, TimerValues, TransactionLayer, TuEvent, TxId};
 use crate::sip::transport::{Inbound, Protocol, Transport, TransportError};
 use crate::sip::uri::Host;
 use crate::status::PbxStatus;
@@ -36,7 +40,10 @@ pub struct CoreParts {
     pub config: Config,
     pub media: Box<dyn SessionMedia>,
     pub media_events: mpsc::UnboundedReceiver<MediaEvent>,
-    pub locator: Arc<dyn Locator>,
+    /// The registrar: REGISTER jobs and the routing lookups.
+    pub registrar: Arc<Registrar>,
+    /// The accounts digest authentication checks against.
+    pub directory: Directory,
     pub bus: EventBus,
     pub status: Arc<PbxStatus>,
     pub metrics: Metrics,
@@ -68,13 +75,17 @@ fn default_route_address() -> Option<IpAddr> {
     socket.local_addr().ok().map(|a| a.ip())
 }
 
+/// A REGISTER's transaction, request and the registrar's answer.
+type RegisterDone = (TxId, Message, Result<Vec<Binding>, RegisterError>);
+
 /// Runs the signalling core until a drain completes.
 pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
     let CoreParts {
         config,
         media,
         mut media_events,
-        locator,
+        registrar,
+        directory,
         bus,
         status,
         metrics,
@@ -107,7 +118,17 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
         TransportMode::Tcp => Protocol::Tcp,
         TransportMode::Udp | TransportMode::Both => Protocol::Udp,
     };
-    let router = Arc::new(Router::new(&config.routes, locator, default_protocol));
+    let router = Arc::new(Router::new(
+        &config.routes,
+        Arc::clone(&registrar) as _,
+        default_protocol,
+    ));
+    let auth = Authenticator::new(
+        &config.auth,
+        &config.sip.domain,
+        directory,
+        Some(metrics.clone()),
+    );
     let mut b2bua = B2bua::new(
         CallSettings {
             max_calls: config.sip.max_concurrent_calls,
@@ -116,8 +137,14 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
         media,
         bus,
         Arc::clone(&status),
+        auth,
+        Limits {
+            min_expires: config.registrar.min_expires,
+            max_expires: config.registrar.max_expires,
+        },
     );
     let (route_tx, mut route_rx) = mpsc::unbounded_channel::<(CallKey, RouteOutcome)>();
+    let (register_tx, mut register_rx) = mpsc::unbounded_channel::<RegisterDone>();
     let mut drain_rx = status.drain_started();
     let drain_timeout = Duration::from_secs(config.drain.timeout_seconds);
     // Once every call has been hung up at the deadline, BYEs get this long.
@@ -169,6 +196,9 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
             Some((call, outcome)) = route_rx.recv() => {
                 b2bua.on_route(call, outcome, &mut txl, Instant::now());
             }
+            Some((tx, request, result)) = register_rx.recv() => {
+                b2bua.on_registered(tx, &request, result, &mut txl, Instant::now());
+            }
             Some(event) = media_events.recv() => {
                 let MediaEvent::RtpTimeout(session) = event;
                 b2bua.on_media_timeout(session, &mut txl, Instant::now());
@@ -205,8 +235,16 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
             let router = Arc::clone(&router);
             let done = route_tx.clone();
             tokio::spawn(async move {
-                let outcome = router.route(&job.user).await;
+                let outcome = router.route(&job.user, job.local_only).await;
                 let _ = done.send((job.call, outcome));
+            });
+        }
+        for job in b2bua.take_register_jobs() {
+            let registrar = Arc::clone(&registrar);
+            let done = register_tx.clone();
+            tokio::spawn(async move {
+                let result = registrar.register(job.registration, job.source).await;
+                let _ = done.send((job.tx, job.request, result));
             });
         }
         for out in txl.take_outbox() {

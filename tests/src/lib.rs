@@ -558,3 +558,4 @@ fn rand_suffix() -> u128 {
         .map(|d| d.as_nanos())
         .unwrap_or_default()
 }
+pub mod phone;

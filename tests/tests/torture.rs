@@ -42,6 +42,11 @@ fn client_for(message: &[u8]) -> SipClient {
 }
 
 fn check(file: &str, expect: Expect) {
+    check_with(file, expect, "");
+}
+
+/// `check` against a PBX with `extra` config sections.
+fn check_with(file: &str, expect: Expect, extra: &str) {
     let manifest = std::fs::read_to_string(root().join("tests/data/sip-torture/MANIFEST.tsv"))
         .expect("manifest");
     let line = manifest
@@ -58,7 +63,7 @@ fn check(file: &str, expect: Expect) {
     }
 
     let message = std::fs::read(root().join("tests/data/sip-torture").join(file)).expect("message");
-    let pbx = Pbx::start(1, "routes: []\n");
+    let pbx = Pbx::start(1, &format!("routes: []\n\n{extra}"));
     let client = client_for(&message);
     client.send(&message, pbx.sip_addr());
     // The probe's answer comes after any answer to the message: one core
@@ -110,11 +115,11 @@ torture! {
     valid_wsinv => Code(481),
     valid_intmeth => Code(501),
     valid_esc01 => Code(404),
-    valid_escnull => Code(501),
+    valid_escnull => Code(200),
     valid_esc02 => Code(501),
     valid_lwsdisp => Code(200),
     valid_longreq => Code(404),
-    valid_dblreq => Code(501),
+    valid_dblreq => Code(200),
     valid_semiuri => Code(200),
     valid_transports => Code(200),
     valid_mpart01 => Code(501),
@@ -143,17 +148,22 @@ torture! {
     app_insuf => Code(400),
     app_unkscm => Code(416),
     app_novelsc => Code(416),
-    app_unksm2 => Code(501),
+    app_unksm2 => Code(404),
     app_bext01 => Code(420),
     app_invut => Code(415),
-    app_regaut01 => Code(501),
     app_multi01 => Code(400),
     app_mcl01 => Code(400),
     app_bcast => Silence,
     app_zeromf => Code(200),
-    app_cparam01 => Code(501),
-    app_cparam02 => Code(501),
-    app_regescrt => Code(501),
+    app_cparam01 => Code(200),
+    app_cparam02 => Code(200),
+    app_regescrt => Code(200),
     app_sdp01 => Code(406),
     compat_inv2543 => Code(404),
+}
+
+/// An unknown Authorization scheme is no credentials: a Digest challenge.
+#[test]
+fn app_regaut01() {
+    check_with("app_regaut01.sip", Code(401), "auth:\n  enabled: true\n");
 }

@@ -23,8 +23,11 @@ use self::checks::{
     check_body, check_new_request, check_require, Refusal, ACCEPT, ALLOW, SUPPORTED,
 };
 use self::routing::{RouteOutcome, Target};
+use crate::auth::{Authenticator, Verdict};
 use crate::events::{CallParties, CallSummary, Disposition, EndReason, Event, EventBus};
 use crate::media::{LegSide, MediaError, SdpRole, SessionMedia};
+use crate::registrar::store::Binding;
+use crate::registrar::{self, Limits, RegisterError, Registration};
 use crate::sip::message::{Message, Method, StartLine};
 use crate::sip::timer::TimerQueue;
 use crate::sip::transaction::{TransactionLayer, TuEvent, TxId};
@@ -88,6 +91,18 @@ pub struct CallSettings {
 pub struct RouteRequest {
     pub call: CallKey,
     pub user: String,
+    /// Handed over by another instance: this instance's bindings only.
+    pub local_only: bool,
+}
+
+/// A registrar job for the runtime: apply `registration` and hand the
+/// result back to `on_registered` with the request.
+#[derive(Debug, Clone)]
+pub struct RegisterJob {
+    pub tx: TxId,
+    pub request: Message,
+    pub registration: Registration,
+    pub source: Peer,
 }
 
 #[derive(Debug)]
@@ -121,6 +136,9 @@ pub struct B2bua {
     bus: EventBus,
     status: Arc<PbxStatus>,
     routing: Vec<RouteRequest>,
+    registering: Vec<RegisterJob>,
+    auth: Authenticator,
+    limits: Limits,
     next_key: CallKey,
 }
 
@@ -130,6 +148,8 @@ impl B2bua {
         media: Box<dyn SessionMedia>,
         bus: EventBus,
         status: Arc<PbxStatus>,
+        auth: Authenticator,
+        limits: Limits,
     ) -> Self {
         Self {
             settings,
@@ -143,6 +163,9 @@ impl B2bua {
             bus,
             status,
             routing: Vec::new(),
+            registering: Vec::new(),
+            auth,
+            limits,
             next_key: 0,
         }
     }
@@ -154,6 +177,11 @@ impl B2bua {
     /// Routing jobs started since the last call.
     pub fn take_route_requests(&mut self) -> Vec<RouteRequest> {
         std::mem::take(&mut self.routing)
+    }
+
+    /// Registrar jobs started since the last call.
+    pub fn take_register_jobs(&mut self) -> Vec<RegisterJob> {
+        std::mem::take(&mut self.registering)
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -190,23 +218,102 @@ impl B2bua {
         if let Err(refusal) = check_new_request(&request) {
             return refuse(txl, tx, &request, refusal, now);
         }
+        // OPTIONS stays open: keep-alives and balancers' health probes.
+        if request.method() != Some(&Method::Options)
+            && !self.authorised(tx, &request, peer, txl, now)
+        {
+            return;
+        }
         match request.method() {
             Some(Method::Invite) => self.new_call(tx, request, peer, txl, now),
             Some(Method::Options) => self.options(tx, &request, txl, now),
-            Some(Method::Register) => {
-                let code = if self.status.draining() { 503 } else { 501 };
-                let mut response = Message::response_to(&request, code, Some(&token()));
-                if code == 503 {
-                    response
-                        .headers
-                        .push("Retry-After", RETRY_AFTER_DRAIN.to_string());
-                } else {
-                    response.headers.push("Allow", ALLOW);
-                }
-                txl.respond(tx, &response, now);
-            }
+            Some(Method::Register) => self.register(tx, request, peer, txl, now),
             _ => reply(txl, tx, &request, 481, now),
         }
+    }
+
+    /// Digest authentication of an out-of-dialog request; answers it (401,
+    /// 407, 403) and returns false when it may not go on.
+    fn authorised(
+        &mut self,
+        tx: TxId,
+        request: &Message,
+        peer: Peer,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) -> bool {
+        match self.auth.check(request, peer.addr.ip(), now) {
+            Verdict::Pass(_) => true,
+            Verdict::Challenge { stale } => {
+                let register = request.method() == Some(&Method::Register);
+                let (code, header) = if register {
+                    (401, "WWW-Authenticate")
+                } else {
+                    (407, "Proxy-Authenticate")
+                };
+                let mut response = Message::response_to(request, code, Some(&token()));
+                for challenge in self.auth.challenges(stale) {
+                    response.headers.push(header, challenge);
+                }
+                txl.respond(tx, &response, now);
+                false
+            }
+            Verdict::Forbidden(why) => {
+                tracing::info!(%peer, why, "request forbidden");
+                reply(txl, tx, request, 403, now);
+                false
+            }
+        }
+    }
+
+    /// REGISTER: checked here, applied by a registrar job.
+    fn register(
+        &mut self,
+        tx: TxId,
+        request: Message,
+        peer: Peer,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        if self.status.draining() {
+            let mut response = Message::response_to(&request, 503, Some(&token()));
+            response
+                .headers
+                .push("Retry-After", RETRY_AFTER_DRAIN.to_string());
+            return txl.respond(tx, &response, now);
+        }
+        match registrar::parse(&request, self.limits) {
+            Ok(registration) => self.registering.push(RegisterJob {
+                tx,
+                request,
+                registration,
+                source: peer,
+            }),
+            Err(refusal) => refuse(txl, tx, &request, refusal, now),
+        }
+    }
+
+    /// The registrar's answer to a REGISTER.
+    pub fn on_registered(
+        &mut self,
+        tx: TxId,
+        request: &Message,
+        result: Result<Vec<Binding>, RegisterError>,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let response = match result {
+            Ok(bindings) => registrar::ok_response(request, &bindings, &token()),
+            Err(e) => {
+                if matches!(e, RegisterError::Store(_)) {
+                    tracing::error!(error = %e, "REGISTER failed: registrar store unavailable");
+                } else {
+                    tracing::info!(error = %e, "REGISTER refused");
+                }
+                Message::response_to(request, 500, Some(&token()))
+            }
+        };
+        txl.respond(tx, &response, now);
     }
 
     /// OPTIONS to the PBX: its capabilities, or 503 while draining so that
@@ -285,6 +392,7 @@ impl B2bua {
         };
         a.learn(&request, false);
         let user = ruri.user_unescaped().unwrap_or_default();
+        let local_only = registrar::is_local_only(&request);
         let parties = CallParties {
             call_id: call_id.clone(),
             caller: from.uri.to_string(),
@@ -320,7 +428,11 @@ impl B2bua {
             .store(self.calls.len(), Ordering::Relaxed);
         self.status.total_calls.fetch_add(1, Ordering::Relaxed);
         self.bus.publish(Event::CallStarted { call: parties });
-        self.routing.push(RouteRequest { call: key, user });
+        self.routing.push(RouteRequest {
+            call: key,
+            user,
+            local_only,
+        });
     }
 
     /// A request that came back to us: one of our own branches in its Via

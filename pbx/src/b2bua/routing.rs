@@ -36,14 +36,16 @@ pub enum Lookup {
 
 /// The registrar as routing sees it.
 pub trait Locator: Send + Sync {
-    fn lookup<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Lookup>;
+    /// The targets of `user`; with `local_only`, only the bindings whose
+    /// flow this instance holds (a call handed over by another instance).
+    fn lookup<'a>(&'a self, user: &'a str, local_only: bool) -> BoxFuture<'a, Lookup>;
 }
 
 /// For a PBX without registrations: nobody is registered.
 pub struct NoRegistrations;
 
 impl Locator for NoRegistrations {
-    fn lookup<'a>(&'a self, _user: &'a str) -> BoxFuture<'a, Lookup> {
+    fn lookup<'a>(&'a self, _user: &'a str, _local_only: bool) -> BoxFuture<'a, Lookup> {
         Box::pin(async { Lookup::Unknown })
     }
 }
@@ -89,15 +91,20 @@ impl Router {
         }
     }
 
-    /// Routes a call to `user` (the Request-URI user, unescaped).
-    pub async fn route(&self, user: &str) -> RouteOutcome {
-        let registered = match self.locator.lookup(user).await {
+    /// Routes a call to `user` (the Request-URI user, unescaped); a call
+    /// handed over by another instance (`local_only`) goes to this
+    /// instance's bindings only, never to static routes.
+    pub async fn route(&self, user: &str, local_only: bool) -> RouteOutcome {
+        let registered = match self.locator.lookup(user, local_only).await {
             Lookup::Contacts(targets) if !targets.is_empty() => {
                 return RouteOutcome::Targets(targets)
             }
             Lookup::Contacts(_) | Lookup::NotRegistered => true,
             Lookup::Unknown => false,
         };
+        if local_only {
+            return RouteOutcome::Reject(480);
+        }
         if let Some(uri) = self.static_target(user) {
             return match resolve(&uri, self.default_protocol).await {
                 Some(peer) => RouteOutcome::Targets(vec![Target {
@@ -168,15 +175,15 @@ mod tests {
             ("^9(\\d+)$", "sip:$1@127.0.0.1:5080"),
             ("^(\\d+)$", "sip:$1@127.0.0.2:5080;transport=tcp"),
         ]);
-        let RouteOutcome::Targets(t) = r.route("9555").await else {
+        let RouteOutcome::Targets(t) = r.route("9555", false).await else {
             panic!("routed");
         };
         assert_eq!(t[0].uri.to_string(), "sip:555@127.0.0.1:5080");
         assert_eq!(t[0].peer.addr, "127.0.0.1:5080".parse().unwrap());
-        let RouteOutcome::Targets(t) = r.route("555").await else {
+        let RouteOutcome::Targets(t) = r.route("555", false).await else {
             panic!("routed");
         };
         assert_eq!(t[0].peer.protocol, Protocol::Tcp);
-        assert_eq!(r.route("alice").await, RouteOutcome::Reject(404));
+        assert_eq!(r.route("alice", false).await, RouteOutcome::Reject(404));
     }
 }

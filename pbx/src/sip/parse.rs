@@ -83,6 +83,10 @@ const LIST_HEADERS: [&str; 12] = [
     "Service-Route",
 ];
 
+/// List headers whose grammar allows an empty value (RFC 3261 §25.1:
+/// `Supported: ` says no extension is supported).
+const MAY_BE_EMPTY: [&str; 3] = ["Allow", "Supported", "Accept"];
+
 const SINGLE_HEADERS: [&str; 6] = [
     "From",
     "To",
@@ -226,6 +230,9 @@ fn parse_head(head: &[u8]) -> Result<Head, FrameError> {
             .chain(LIST_HEADERS.iter())
             .find(|known| known.eq_ignore_ascii_case(name))
             .map_or_else(|| name.to_string(), |known| known.to_string());
+        if MAY_BE_EMPTY.contains(&name.as_str()) && value.trim().is_empty() {
+            continue;
+        }
         if LIST_HEADERS.contains(&name.as_str()) && value != "*" {
             for part in split_unquoted(&value, b',') {
                 let part = part.trim();

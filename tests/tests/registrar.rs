@@ -1,0 +1,214 @@
+//! The registrar and digest authentication of the real `sip-pbx`: SIPp
+//! REGISTER with `[authentication]` (MD5), a raw phone answering SHA-256
+//! challenges, refresh/query/removal, expiry, wrong passwords and the
+//! block that follows, stale nonces, unauthenticated INVITEs, and a call
+//! between two registered users.
+
+use std::time::{Duration, Instant};
+
+use sip_pbx_e2e::phone::{authorization, challenges, contacts, Phone};
+use sip_pbx_e2e::{
+    assert_sipp_ok, free_port, header, http_request, status_code, wait_until, Pbx, SipClient, Sipp,
+};
+
+/// Accounts 1001/secret1 and 1002/secret2; `auth_extra` adds auth keys.
+fn auth(algorithms: &str, auth_extra: &str) -> String {
+    format!(
+        "auth:\n  enabled: true\n  algorithms: {algorithms}\n{auth_extra}  users:\n    - username: \"1001\"\n      password: \"secret1\"\n    - username: \"1002\"\n      password: \"secret2\"\n\nroutes: []\n"
+    )
+}
+
+fn auth_failures(pbx: &Pbx) -> u64 {
+    let (_, body) = http_request(pbx.metrics_port, "GET", "/metrics", "");
+    body.lines()
+        .find(|l| l.starts_with("sip_pbx_auth_failures_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[test]
+fn sipp_md5_registration_and_a_call_between_registered_users() {
+    let pbx = Pbx::start(1, &auth("[\"MD5\", \"SHA-256\"]", ""));
+    let callee_port = free_port();
+    let register = Sipp::new("register_auth.xml", callee_port)
+        .args(["-m", "1", "-s", "1002", "-au", "1002", "-ap", "secret2"])
+        .args(["-key", "expires", "120"])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    assert_sipp_ok(&register, "REGISTER 1002 with MD5 digest");
+    let callee = Sipp::new("uas_answer.xml", callee_port)
+        .args(["-m", "1"])
+        .spawn(callee_port);
+    let caller = Sipp::new("uac_auth_call.xml", free_port())
+        .args(["-m", "1", "-s", "1002", "-au", "1001", "-ap", "secret1"])
+        .args(["-key", "caller", "1001"])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    assert_sipp_ok(&caller, "1001 calls 1002 after a 407");
+    assert_sipp_ok(&callee.finish(Duration::from_secs(30)), "1002 answers");
+    wait_until(Duration::from_secs(10), "no calls left", || {
+        pbx.active_calls() == 0
+    });
+}
+
+#[test]
+fn sha256_register_refresh_query_and_removal() {
+    let pbx = Pbx::start(1, &auth("[\"SHA-256\", \"MD5\"]", ""));
+    let mut phone = Phone::new("1001", pbx.sip_addr());
+    let (one, two) = (phone.contact("a"), phone.contact("b"));
+    let (code, text) = phone.register(&[format!("Contact: {one}")]);
+    assert_eq!(code, 401, "{text}");
+    let offered = challenges(&text);
+    let algorithms: Vec<&str> = offered.iter().map(|c| c.algorithm.as_str()).collect();
+    assert_eq!(algorithms, ["SHA-256", "MD5"], "{text}");
+    let sha = offered[0].clone();
+    let uri = phone.uri();
+    let mut nc = 0;
+    let mut auth = |phone: &Phone| {
+        nc += 1;
+        format!(
+            "Authorization: {}",
+            authorization(&sha, &phone.user, "secret1", "REGISTER", &uri, nc)
+        )
+    };
+
+    let a = auth(&phone);
+    let (code, text) = phone.register(&[format!("Contact: {one}"), "Expires: 300".into(), a]);
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(contacts(&text).len(), 1, "{text}");
+
+    let a = auth(&phone);
+    let (code, text) = phone.register(&[format!("Contact: {two}"), "Expires: 300".into(), a]);
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(contacts(&text).len(), 2, "two contacts for one AOR: {text}");
+
+    let a = auth(&phone);
+    let (code, text) = phone.register(&[format!("Contact: {one}"), "Expires: 10".into(), a]);
+    assert_eq!(code, 423, "{text}");
+    assert_eq!(header(&text, "Min-Expires"), Some("60"));
+
+    let a = auth(&phone);
+    let (code, text) = phone.register(&[format!("Contact: {one};expires=99999"), a]);
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        text.contains("expires=3600"),
+        "clamped to max_expires: {text}"
+    );
+
+    let a = auth(&phone);
+    let (code, text) = phone.register(&[format!("Contact: {one}"), "Expires: 0".into(), a]);
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(contacts(&text), vec![format!("{two};expires=300")]);
+
+    let a = auth(&phone);
+    let (code, text) = phone.register(&[a]);
+    assert_eq!((code, contacts(&text).len()), (200, 1), "query: {text}");
+
+    let a = auth(&phone);
+    let (code, text) = phone.register(&["Contact: *".into(), "Expires: 0".into(), a]);
+    assert_eq!(code, 200, "{text}");
+    assert!(contacts(&text).is_empty(), "Contact: * removes all: {text}");
+}
+
+#[test]
+fn wrong_passwords_are_challenged_again_then_blocked() {
+    let pbx = Pbx::start(
+        1,
+        &auth("[\"MD5\"]", "  max_failures: 3\n  block_seconds: 60\n"),
+    );
+    for attempt in 1..=3 {
+        let run = Sipp::new("register_wrong_password.xml", free_port())
+            .args(["-m", "1", "-s", "1001", "-au", "1001", "-ap", "guess"])
+            .arg(pbx.sip_addr().to_string())
+            .run();
+        assert_sipp_ok(
+            &run,
+            &format!("wrong password, attempt {attempt}: 401 again"),
+        );
+    }
+    assert_eq!(auth_failures(&pbx), 3);
+    let mut phone = Phone::new("1001", pbx.sip_addr());
+    let (code, text) = phone.register(&[format!("Contact: {}", phone.contact("a"))]);
+    assert_eq!(code, 403, "the source address is blocked: {text}");
+}
+
+#[test]
+fn an_expired_nonce_is_answered_stale() {
+    let pbx = Pbx::start(1, &auth("[\"SHA-256\"]", "  nonce_seconds: 1\n"));
+    let mut phone = Phone::new("1001", pbx.sip_addr());
+    let contact = format!("Contact: {}", phone.contact("a"));
+    let (code, text) = phone.register(std::slice::from_ref(&contact));
+    assert_eq!(code, 401, "{text}");
+    let challenge = challenges(&text).remove(0);
+    // Let the nonce age past nonce_seconds.
+    std::thread::sleep(Duration::from_millis(2100));
+    let a = authorization(&challenge, "1001", "secret1", "REGISTER", &phone.uri(), 1);
+    let (code, text) = phone.register(&[contact.clone(), format!("Authorization: {a}")]);
+    assert_eq!(code, 401, "{text}");
+    let fresh = challenges(&text).remove(0);
+    assert!(fresh.stale, "stale=true: {text}");
+    let a = authorization(&fresh, "1001", "secret1", "REGISTER", &phone.uri(), 1);
+    let (code, text) = phone.register(&[contact, format!("Authorization: {a}")]);
+    assert_eq!(code, 200, "the fresh nonce works: {text}");
+}
+
+#[test]
+fn a_binding_expires_on_time() {
+    let pbx = Pbx::start(
+        1,
+        "registrar:\n  min_expires: 1\n  max_expires: 3600\n\nroutes: []\n",
+    );
+    let mut phone = Phone::new("1001", pbx.sip_addr());
+    let registered = Instant::now();
+    let (code, text) = phone.register(&[
+        format!("Contact: {}", phone.contact("a")),
+        "Expires: 2".into(),
+    ]);
+    assert_eq!((code, contacts(&text).len()), (200, 1), "{text}");
+    wait_until(Duration::from_secs(6), "the binding to lapse", || {
+        let (code, text) = phone.register(&[]);
+        code == 200 && contacts(&text).is_empty()
+    });
+    assert!(registered.elapsed() >= Duration::from_millis(1500));
+    // The lapsed user is unknown to routing now (no static routes): 404.
+    let client = SipClient::new();
+    client.send(&invite(&pbx, &client, "1001", "x1"), pbx.sip_addr());
+    let (code, _) = client
+        .final_response(Duration::from_secs(5))
+        .expect("answer");
+    assert_eq!(code, 404);
+}
+
+fn invite(pbx: &Pbx, client: &SipClient, to: &str, call_id: &str) -> Vec<u8> {
+    let (p, me) = (pbx.sip_addr(), client.addr());
+    format!(
+        "INVITE sip:{to}@{p} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{call_id};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:1001@{p}>;tag=f{call_id}\r\nTo: <sip:{to}@{p}>\r\n\
+         Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@{me}>\r\nContent-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[test]
+fn an_unauthenticated_invite_gets_407_and_places_no_call() {
+    let uas_port = free_port();
+    let pbx = Pbx::start(
+        uas_port,
+        &format!(
+            "{}\nroutes:\n  - match: \"^(.+)$\"\n    target: \"sip:$1@127.0.0.1:{uas_port}\"\n",
+            auth("[\"SHA-256\", \"MD5\"]", "").replace("\nroutes: []\n", "")
+        ),
+    );
+    let client = SipClient::new();
+    client.send(&invite(&pbx, &client, "5555", "noauth1"), pbx.sip_addr());
+    let (code, text) = client
+        .final_response(Duration::from_secs(5))
+        .expect("answer");
+    assert_eq!(code, 407, "{text}");
+    assert_eq!(challenges(&text).len(), 2, "{text}");
+    let (_, stats) = pbx.http_get("/api/stats");
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats");
+    assert_eq!(stats["total_calls"], 0, "no call was placed: {stats}");
+    assert_eq!(status_code(&text), Some(407));
+}
