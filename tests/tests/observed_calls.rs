@@ -289,26 +289,41 @@ fn invite_is_refused_503(pbx: &Pbx) {
     assert!(header(&text, "Retry-After").is_some(), "{text}");
 }
 
-#[test]
-fn sigterm_drains_without_cutting_the_call_then_exits_0() {
+/// A call from `caller` (with `args`) to an answering callee, answered;
+/// then SIGTERM. Returns the PBX, the caller's run and the callee.
+fn answered_call_then_sigterm(
+    extra: &str,
+    caller: &'static str,
+    args: &'static [&'static str],
+) -> (
+    Pbx,
+    std::thread::JoinHandle<sip_pbx_e2e::SippRun>,
+    sip_pbx_e2e::SippProcess,
+) {
     let uas_port = free_port();
-    let mut pbx = Pbx::start(uas_port, "");
+    let pbx = Pbx::start(uas_port, extra);
     let uas = Sipp::new("uas_answer.xml", uas_port)
         .args(["-m", "1"])
         .spawn(uas_port);
     let answered_before = responses_200(&pbx);
-    let caller = {
-        let target = pbx.sip_addr().to_string();
-        std::thread::spawn(move || {
-            Sipp::new("uac_basic.xml", free_port())
-                .args(["-m", "1", "-s", "1002", "-d", "3000", &target])
-                .run()
-        })
-    };
+    let target = pbx.sip_addr().to_string();
+    let uac = std::thread::spawn(move || {
+        Sipp::new(caller, free_port())
+            .args(["-m", "1", "-s", "1002"])
+            .args(args)
+            .arg(target)
+            .run()
+    });
     wait_until(LIMIT, "the call to be answered", || {
         responses_200(&pbx) > answered_before
     });
     pbx.signal("TERM");
+    (pbx, uac, uas)
+}
+
+#[test]
+fn sigterm_drains_without_cutting_the_call_then_exits_0() {
+    let (mut pbx, caller, uas) = answered_call_then_sigterm("", "uac_basic.xml", &["-d", "3000"]);
     wait_until(LIMIT, "draining", || {
         pbx.http_get("/api/stats").1.contains("\"draining\":true")
     });
@@ -329,24 +344,11 @@ fn sigterm_drains_without_cutting_the_call_then_exits_0() {
 
 #[test]
 fn drain_deadline_hangs_up_both_legs_with_cdr_reason_drain() {
-    let uas_port = free_port();
-    let mut pbx = Pbx::start(uas_port, "drain:\n  timeout_seconds: 1\n");
-    let uas = Sipp::new("uas_answer.xml", uas_port)
-        .args(["-m", "1"])
-        .spawn(uas_port);
-    let answered_before = responses_200(&pbx);
-    let caller = {
-        let target = pbx.sip_addr().to_string();
-        std::thread::spawn(move || {
-            Sipp::new("uac_callee_hangs_up.xml", free_port())
-                .args(["-m", "1", "-s", "1002", &target])
-                .run()
-        })
-    };
-    wait_until(LIMIT, "the call to be answered", || {
-        responses_200(&pbx) > answered_before
-    });
-    pbx.signal("TERM");
+    let (mut pbx, caller, uas) = answered_call_then_sigterm(
+        "drain:\n  timeout_seconds: 1\n",
+        "uac_callee_hangs_up.xml",
+        &[],
+    );
     assert_sipp_ok(&caller.join().expect("caller"), "caller gets BYE");
     assert_sipp_ok(&uas.finish(LIMIT), "callee gets BYE");
     let status = pbx.wait_exit(LIMIT);

@@ -128,7 +128,7 @@ pub fn ok_response(request: &Message, bindings: &[Binding], to_tag: &str) -> Mes
     let now = unix_now();
     let mut response = Message::response_to(request, 200, Some(to_tag));
     for b in bindings {
-        let left = b.expires_at.saturating_sub(now);
+        let left = remaining(b.expires_at, now);
         response
             .headers
             .push("Contact", format!("<{}>;expires={left}", b.contact));
@@ -208,7 +208,8 @@ impl Registrar {
                     } else {
                         upserts.push(Binding {
                             contact,
-                            expires_at: now + u64::from(expires),
+                            // Counted from the next whole second: never early.
+                            expires_at: now + GRACE + u64::from(expires),
                             call_id: call_id.clone(),
                             cseq,
                             source: source.addr,
@@ -239,7 +240,7 @@ impl Registrar {
             self.bus.publish(Event::RegistrationCreated {
                 aor: aor.clone(),
                 contact: b.contact,
-                expires: u32::try_from(b.expires_at.saturating_sub(now)).unwrap_or(u32::MAX),
+                expires: u32::try_from(remaining(b.expires_at, now)).unwrap_or(u32::MAX),
                 source: source.to_string(),
             });
         }
@@ -354,6 +355,15 @@ pub fn is_local_only(request: &Message) -> bool {
             .request_uri()
             .and_then(Uri::sip)
             .is_some_and(|u| u.param(LOCAL_PARAM).is_some())
+}
+
+/// Bindings are kept up to this many seconds past their expiry, as time is
+/// counted in whole seconds and a binding must never lapse early.
+const GRACE: u64 = 1;
+
+/// Seconds of a binding left, as the phone asked for them.
+fn remaining(expires_at: u64, now: u64) -> u64 {
+    expires_at.saturating_sub(now + GRACE)
 }
 
 pub fn unix_now() -> u64 {
