@@ -1156,11 +1156,6 @@ impl B2bua {
         }
     }
 
-    /// Calls still holding state (for drain: exit when none is left).
-    pub fn has_live_calls(&self) -> bool {
-        self.calls.values().any(|c| c.outcome.is_none())
-    }
-
     /// The call whose media session timed out.
     pub fn on_media_timeout(
         &mut self,

@@ -423,7 +423,7 @@ impl TransactionLayer {
     }
 
     /// Our Via for a request to `peer`.
-    pub fn via(&self, peer: Peer, branch: &str) -> String {
+    fn via(&self, peer: Peer, branch: &str) -> String {
         format!(
             "SIP/2.0/{} {}:{};branch={branch};rport",
             peer.protocol.via_name(),
