@@ -1,0 +1,133 @@
+//! What ships beside the code: every example configuration in `config/` is
+//! accepted by `sip-pbx --check-config`, every SipPbx in `config/samples/` by
+//! `sip-pbx-operator render`, and `docker/Dockerfile` runs the binaries,
+//! ports and entry point the operator and the chart rely on.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sip_pbx_e2e::{binary, pbx_binary, root};
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn check_config(path: &Path) -> Output {
+    Command::new(pbx_binary())
+        .arg("--check-config")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .expect("run sip-pbx --check-config")
+}
+
+#[test]
+fn every_example_configuration_is_valid() {
+    let files = yaml_files(&root().join("config"));
+    for name in ["single-machine.yaml", "trunk.yaml", "config.example.yaml"] {
+        assert!(files.iter().any(|f| f.ends_with(name)), "config/{name}");
+    }
+    for file in files {
+        ok(&check_config(&file), &file.display().to_string());
+    }
+}
+
+#[test]
+fn every_sample_sippbx_renders() {
+    let operator = binary("sip-pbx-operator", "sip-pbx-operator");
+    let files = yaml_files(&root().join("config/samples"));
+    assert!(files.len() >= 3, "{files:?}");
+    for file in files {
+        let out = Command::new(&operator)
+            .arg("render")
+            .arg("-f")
+            .arg(&file)
+            .output()
+            .expect("run sip-pbx-operator render");
+        ok(&out, &file.display().to_string());
+        let yaml = String::from_utf8_lossy(&out.stdout);
+        assert!(yaml.contains("kind: Deployment"), "{}: {yaml}", file.display());
+    }
+}
+
+fn dockerfile() -> String {
+    std::fs::read_to_string(root().join("docker/Dockerfile")).expect("docker/Dockerfile")
+}
+
+/// The value of the last `INSTRUCTION` line (continuations joined).
+fn instruction(dockerfile: &str, name: &str) -> String {
+    let joined = dockerfile.replace("\\\n", " ");
+    joined
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{name} ")))
+        .last()
+        .unwrap_or_else(|| panic!("no {name} in docker/Dockerfile"))
+        .trim()
+        .to_string()
+}
+
+/// An exec-form instruction (a JSON array) as its words.
+fn exec_form(dockerfile: &str, name: &str) -> Vec<String> {
+    let value = instruction(dockerfile, name);
+    serde_json::from_str(&value).unwrap_or_else(|e| panic!("{name} is not exec form: {value}: {e}"))
+}
+
+#[test]
+fn dockerfile_builds_both_binaries_and_exposes_the_ports() {
+    let file = dockerfile();
+    assert!(file.contains("cargo build --release --locked --bins -p sip-pbx -p sip-pbx-operator"));
+    assert!(file.contains("FROM debian:bookworm-slim"));
+    for binary in ["sip-pbx", "sip-pbx-operator"] {
+        assert!(
+            file.contains(&format!("/out/{binary} ")) && file.contains("/usr/local/bin/"),
+            "{binary} copied into the image"
+        );
+    }
+    let exposed: Vec<String> = instruction(&file, "EXPOSE")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        exposed,
+        ["5060/udp", "5060/tcp", "8080", "9090", "10000-20000/udp"]
+    );
+    // Non-root, with the uid the chart's operator Deployment runs as.
+    assert_eq!(instruction(&file, "USER"), "65532:65532");
+    let healthcheck = instruction(&file, "HEALTHCHECK");
+    assert!(healthcheck.contains("/dev/tcp/127.0.0.1/8080") && healthcheck.contains("GET /health"));
+}
+
+/// The image's entry point with its default arguments, run with the release
+/// binary: the configuration it names must be one sip-pbx accepts.
+#[test]
+fn the_image_command_line_starts_sip_pbx() {
+    let file = dockerfile();
+    let entrypoint = exec_form(&file, "ENTRYPOINT");
+    assert_eq!(entrypoint, ["/usr/local/bin/sip-pbx"], "sip-pbx is PID 1");
+    let cmd = exec_form(&file, "CMD");
+    assert_eq!(cmd[0], "--config");
+    let copied = instruction(&file, "COPY config/config.example.yaml");
+    assert_eq!(copied, cmd[1], "CMD names the configuration the image holds");
+    let out = Command::new(pbx_binary())
+        .arg("--check-config")
+        .arg("--config")
+        .arg(root().join("config/config.example.yaml"))
+        .output()
+        .expect("run sip-pbx");
+    ok(&out, "the image's command line");
+}
