@@ -4,9 +4,10 @@
 //! Needs helm, installed by tests/helm/setup.sh (`SIP_PBX_HELM` overrides
 //! where it is looked for).
 
+mod helm;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
@@ -15,39 +16,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use helm::{chart, helm};
+
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const NAMESPACE: &str = "voice";
 
-fn chart() -> PathBuf {
-    Path::new(ROOT).join("charts/sip-pbx")
-}
-
 fn full_values() -> PathBuf {
     chart().join("ci/full-values.yaml")
-}
-
-fn helm_bin() -> PathBuf {
-    let path = std::env::var_os("SIP_PBX_HELM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/sip-pbx-helm/helm"));
-    assert!(
-        path.is_file(),
-        "helm is missing at {}: run tests/helm/setup.sh (or set SIP_PBX_HELM)",
-        path.display()
-    );
-    path
-}
-
-/// Runs helm with its cache, configuration and data in a fresh directory.
-fn helm(args: &[&str]) -> Output {
-    let home = tempfile::tempdir().expect("tempdir");
-    Command::new(helm_bin())
-        .args(args)
-        .env("HELM_CACHE_HOME", home.path().join("cache"))
-        .env("HELM_CONFIG_HOME", home.path().join("config"))
-        .env("HELM_DATA_HOME", home.path().join("data"))
-        .output()
-        .expect("run helm")
 }
 
 fn chart_path() -> String {
@@ -87,10 +62,20 @@ fn kinds(docs: &[Value]) -> Vec<&str> {
 /// `doc` as a `T`; serializing it back must give `doc` again, so a field
 /// that `T` does not know (a typo in a template) fails the test.
 fn typed<T: DeserializeOwned + Serialize>(doc: &Value) -> T {
-    let object: T = serde_json::from_value(doc.clone())
-        .unwrap_or_else(|e| panic!("{} is not a valid {}: {e}", doc["metadata"]["name"], kind(doc)));
+    let object: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| {
+        panic!(
+            "{} is not a valid {}: {e}",
+            doc["metadata"]["name"],
+            kind(doc)
+        )
+    });
     let back = serde_json::to_value(&object).expect("serialize");
-    assert_eq!(&back, doc, "{} has fields its type does not know", kind(doc));
+    assert_eq!(
+        &back,
+        doc,
+        "{} has fields its type does not know",
+        kind(doc)
+    );
     object
 }
 
@@ -171,7 +156,13 @@ fn lints_with_default_and_full_values() {
     let full = full_values();
     for args in [
         vec!["lint", "--strict", &chart],
-        vec!["lint", "--strict", &chart, "-f", full.to_str().expect("utf-8")],
+        vec![
+            "lint",
+            "--strict",
+            &chart,
+            "-f",
+            full.to_str().expect("utf-8"),
+        ],
     ] {
         let out = helm(&args);
         assert!(
@@ -218,20 +209,34 @@ fn default_values_render_the_operator_with_least_privilege() {
     let account: ServiceAccount = one(&docs, "ServiceAccount");
     let account_name = account.metadata.name.expect("name");
     let binding: ClusterRoleBinding = one(&docs, "ClusterRoleBinding");
-    assert_eq!(binding.role_ref.name, cluster_role.metadata.name.expect("name"));
+    assert_eq!(
+        binding.role_ref.name,
+        cluster_role.metadata.name.expect("name")
+    );
     let subject = &binding.subjects.expect("subjects")[0];
     assert_eq!(subject.name, account_name);
     assert_eq!(subject.namespace.as_deref(), Some(NAMESPACE));
     let role_binding: RoleBinding = one(&docs, "RoleBinding");
-    assert_eq!(role_binding.role_ref.name, role.metadata.name.expect("name"));
+    assert_eq!(
+        role_binding.role_ref.name,
+        role.metadata.name.expect("name")
+    );
 
     let deployment: Deployment = one(&docs, "Deployment");
     let spec = deployment.spec.expect("spec");
-    let pod_labels = spec.template.metadata.expect("metadata").labels.expect("labels");
+    let pod_labels = spec
+        .template
+        .metadata
+        .expect("metadata")
+        .labels
+        .expect("labels");
     let selector = spec.selector.match_labels.expect("matchLabels");
     assert!(labels_match(&selector, &pod_labels));
     let pod = spec.template.spec.expect("pod spec");
-    assert_eq!(pod.service_account_name.as_deref(), Some(account_name.as_str()));
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some(account_name.as_str())
+    );
     let container = &pod.containers[0];
     assert_eq!(container.image.as_deref(), Some("sip-pbx:0.1.0"));
     let command = container.command.clone().expect("command");
@@ -241,7 +246,10 @@ fn default_values_render_the_operator_with_least_privilege() {
 
     let service: Service = one(&docs, "Service");
     let service_spec = service.spec.expect("spec");
-    assert!(labels_match(&service_spec.selector.expect("selector"), &pod_labels));
+    assert!(labels_match(
+        &service_spec.selector.expect("selector"),
+        &pod_labels
+    ));
     let port = &service_spec.ports.expect("ports")[0];
     assert_eq!(port.port, 8080);
     let ports = container.ports.clone().expect("container ports");
@@ -277,11 +285,17 @@ fn full_values_render_every_option() {
     let account: ServiceAccount = one(&docs, "ServiceAccount");
     assert_eq!(account.metadata.name.as_deref(), Some("sip-operator"));
     let deployment: Deployment = one(&docs, "Deployment");
-    assert_eq!(deployment.metadata.name.as_deref(), Some("telephony-operator"));
+    assert_eq!(
+        deployment.metadata.name.as_deref(),
+        Some("telephony-operator")
+    );
     let spec = deployment.spec.expect("spec");
     assert_eq!(spec.replicas, Some(3));
     let pod = spec.template.spec.expect("pod spec");
-    assert_eq!(pod.image_pull_secrets.expect("pull secrets")[0].name, "regcred");
+    assert_eq!(
+        pod.image_pull_secrets.expect("pull secrets")[0].name,
+        "regcred"
+    );
     assert_eq!(pod.tolerations.expect("tolerations").len(), 1);
     assert!(pod.affinity.is_some());
     assert_eq!(
@@ -307,11 +321,17 @@ fn full_values_render_every_option() {
     let monitors = find(&docs, "ServiceMonitor");
     assert_eq!(monitors[0]["metadata"]["labels"]["release"], "prometheus");
     assert_eq!(monitors[0]["spec"]["endpoints"][0]["interval"], "15s");
-    assert_eq!(monitors[1]["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"], "office");
+    assert_eq!(
+        monitors[1]["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+        "office"
+    );
 
     let pbx = find(&docs, "SipPbx")[0];
     assert_eq!(pbx["metadata"]["name"], "office");
-    assert_eq!(pbx["spec"]["image"], "registry.example.com/sip-pbx:0.1.0-test");
+    assert_eq!(
+        pbx["spec"]["image"],
+        "registry.example.com/sip-pbx:0.1.0-test"
+    );
     assert_eq!(pbx["spec"]["autoscaling"]["maxReplicas"], 6);
 }
 

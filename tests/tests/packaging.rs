@@ -61,7 +61,11 @@ fn every_sample_sippbx_renders() {
             .expect("run sip-pbx-operator render");
         ok(&out, &file.display().to_string());
         let yaml = String::from_utf8_lossy(&out.stdout);
-        assert!(yaml.contains("kind: Deployment"), "{}: {yaml}", file.display());
+        assert!(
+            yaml.contains("kind: Deployment"),
+            "{}: {yaml}",
+            file.display()
+        );
     }
 }
 
@@ -122,7 +126,10 @@ fn the_image_command_line_starts_sip_pbx() {
     let cmd = exec_form(&file, "CMD");
     assert_eq!(cmd[0], "--config");
     let copied = instruction(&file, "COPY config/config.example.yaml");
-    assert_eq!(copied, cmd[1], "CMD names the configuration the image holds");
+    assert_eq!(
+        copied, cmd[1],
+        "CMD names the configuration the image holds"
+    );
     let out = Command::new(pbx_binary())
         .arg("--check-config")
         .arg("--config")
