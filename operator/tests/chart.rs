@@ -97,20 +97,25 @@ fn check_types(docs: &[Value]) {
     }
 }
 
+/// The keys of a JSON object, sorted.
+fn keys(value: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
 /// ServiceMonitor has no Rust type here: only the fields the chart uses.
 fn check_service_monitor(doc: &Value) {
     assert_eq!(doc["apiVersion"], "monitoring.coreos.com/v1");
-    let spec = doc["spec"].as_object().expect("spec");
-    let keys: Vec<&str> = spec.keys().map(String::as_str).collect();
-    assert_eq!(keys, ["endpoints", "selector"]);
-    for endpoint in spec["endpoints"].as_array().expect("endpoints") {
-        let keys: Vec<&str> = endpoint
-            .as_object()
-            .expect("endpoint")
-            .keys()
-            .map(String::as_str)
-            .collect();
-        assert_eq!(keys, ["interval", "path", "port"]);
+    assert_eq!(keys(&doc["spec"]), ["endpoints", "selector"]);
+    assert_eq!(keys(&doc["spec"]["selector"]), ["matchLabels"]);
+    for endpoint in doc["spec"]["endpoints"].as_array().expect("endpoints") {
+        assert_eq!(keys(endpoint), ["interval", "path", "port"]);
     }
 }
 

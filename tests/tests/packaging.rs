@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use sip_pbx_e2e::{binary, pbx_binary, root};
+use sip_pbx_e2e::{binary, free_port, pbx_binary, root, Pbx};
 
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -137,4 +137,39 @@ fn the_image_command_line_starts_sip_pbx() {
         .output()
         .expect("run sip-pbx");
     ok(&out, "the image's command line");
+}
+
+/// The HEALTHCHECK command, pointed at `port` instead of the default 8080.
+fn healthcheck(port: u16) -> Output {
+    let file = dockerfile();
+    let value = instruction(&file, "HEALTHCHECK");
+    let (_, cmd) = value.split_once("CMD ").expect("HEALTHCHECK ... CMD [...]");
+    let words: Vec<String> = serde_json::from_str(cmd).expect("HEALTHCHECK CMD in exec form");
+    let words: Vec<String> = words
+        .iter()
+        .map(|w| {
+            w.replace(
+                "/dev/tcp/127.0.0.1/8080",
+                &format!("/dev/tcp/127.0.0.1/{port}"),
+            )
+        })
+        .collect();
+    Command::new(&words[0])
+        .args(&words[1..])
+        .output()
+        .expect("run the HEALTHCHECK command")
+}
+
+#[test]
+fn the_image_healthcheck_asks_the_pbx() {
+    let pbx = Pbx::start(free_port(), "");
+    ok(
+        &healthcheck(pbx.http_port),
+        "HEALTHCHECK against a running PBX",
+    );
+    let nothing = free_port();
+    assert!(
+        !healthcheck(nothing).status.success(),
+        "HEALTHCHECK passes with nothing listening"
+    );
 }
