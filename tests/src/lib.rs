@@ -2,12 +2,11 @@
 //! loopback, drives it with SIPp scenarios from `tests/sipp/` and with raw
 //! SIP over UDP, and cleans up every process it started.
 
-use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, PoisonError};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The workspace root.
@@ -18,20 +17,17 @@ pub fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// Builds (once per package and test process) and returns a release binary
-/// of the workspace.
+/// Builds (once per test process) and returns a release binary of the workspace.
 pub fn binary(package: &str, name: &str) -> PathBuf {
-    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-    let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
-    if !built.contains(package) {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
         let status = Command::new(env!("CARGO"))
             .args(["build", "--release", "--bins", "-p", package])
             .current_dir(root())
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building {package} failed");
-        built.insert(package.to_string());
-    }
+    });
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
