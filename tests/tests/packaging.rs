@@ -58,7 +58,7 @@ fn instruction(dockerfile: &str, name: &str) -> String {
     joined
         .lines()
         .filter_map(|l| l.strip_prefix(&format!("{name} ")))
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("no {name} in docker/Dockerfile"))
         .trim()
         .to_string()
