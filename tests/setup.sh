@@ -16,3 +16,4 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # kube-apiserver, kube-controller-manager and etcd for the operator tests
 # (built once per machine, cached outside the clone).
 "$(dirname "$0")/k8s/setup.sh"
+"$(dirname "$0")/helm/setup.sh"

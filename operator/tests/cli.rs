@@ -40,6 +40,29 @@ fn renders_the_example() {
 }
 
 #[test]
+fn renders_every_sample() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/samples");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("config/samples")
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    for file in files {
+        let out = render(file.to_str().expect("utf-8 path"));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let yaml = String::from_utf8_lossy(&out.stdout);
+        assert!(yaml.contains("kind: Deployment"), "{}", file.display());
+    }
+}
+
+#[test]
 fn refuses_an_invalid_spec_with_the_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad.yaml");

