@@ -482,6 +482,62 @@ impl SipClient {
     }
 }
 
+/// An INVITE for `user` at the PBX `pbx` from the raw user agent `from`,
+/// with an SDP offer when given.
+pub fn invite(
+    pbx: SocketAddr,
+    user: &str,
+    from: SocketAddr,
+    call_id: &str,
+    sdp: Option<&str>,
+) -> Vec<u8> {
+    let body = sdp.unwrap_or_default();
+    let content_type = if sdp.is_some() {
+        "Content-Type: application/sdp\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "INVITE sip:{user}@{pbx} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK{call_id};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:1001@{from}>;tag=f{call_id}\r\nTo: <sip:{user}@{pbx}>\r\n\
+         Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@{from}>\r\n{content_type}\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// An in-dialog request from the raw caller of `invite()` that got
+/// `response` (text): to the PBX's Contact, To with the PBX's tag, CSeq
+/// `seq`, with an SDP body when given.
+pub fn caller_request(
+    method: &str,
+    response: &str,
+    from: SocketAddr,
+    seq: u32,
+    sdp: Option<&str>,
+) -> Vec<u8> {
+    let h = |name: &str| header(response, name).unwrap_or_default();
+    let target = h("Contact").trim_matches(['<', '>']);
+    let body = sdp.unwrap_or_default();
+    let content_type = if sdp.is_some() {
+        "Content-Type: application/sdp\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "{method} {target} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK{method}{seq}x{};rport\r\n\
+         Max-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {seq} {method}\r\n\
+         Contact: <sip:1001@{from}>\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+        rand_suffix(),
+        h("From"),
+        h("To"),
+        h("Call-ID"),
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// A response from a raw user agent at `me` to `request` (text), with a
 /// To tag and, when given, an SDP body.
 pub fn response_to(request: &str, status: &str, me: SocketAddr, sdp: Option<&str>) -> Vec<u8> {

@@ -5,7 +5,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use sip_pbx_e2e::{
-    audio_sdp, header, response_to, sdp_audio_target, status_code, wait_until, Pbx, SipClient,
+    audio_sdp, invite, response_to, sdp_audio_target, status_code, wait_until, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -46,34 +46,9 @@ struct Call<'a> {
     pbx: SocketAddr,
 }
 
-fn invite(pbx: SocketAddr, caller: &SipClient, sdp: &str, call_id: &str) -> String {
-    let me = caller.addr();
-    format!(
-        "INVITE sip:1002@{pbx} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{call_id}1;rport\r\nMax-Forwards: 70\r\nFrom: <sip:1001@{me}>;tag=a1\r\nTo: <sip:1002@{pbx}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@{me}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
-        sdp.len()
-    )
-}
-
 /// An in-dialog request from the caller, built from the 200 it received.
-fn caller_request(call: &Call<'_>, method: &str, cseq: u32, sdp: Option<&str>) -> String {
-    let me = call.caller.addr();
-    let ok = &call.ok_at_a;
-    let target = header(ok, "Contact")
-        .unwrap_or_default()
-        .trim_matches(['<', '>']);
-    let body = sdp.unwrap_or_default();
-    let ct = if sdp.is_some() {
-        "Content-Type: application/sdp\r\n"
-    } else {
-        ""
-    };
-    format!(
-        "{method} {target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{method}{cseq};rport\r\nMax-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {cseq} {method}\r\nContact: <sip:1001@{me}>\r\n{ct}Content-Length: {}\r\n\r\n{body}",
-        header(ok, "From").unwrap_or_default(),
-        header(ok, "To").unwrap_or_default(),
-        header(ok, "Call-ID").unwrap_or_default(),
-        body.len()
-    )
+fn caller_request(call: &Call<'_>, method: &str, cseq: u32, sdp: Option<&str>) -> Vec<u8> {
+    sip_pbx_e2e::caller_request(method, &call.ok_at_a, call.caller.addr(), cseq, sdp)
 }
 
 fn establish<'a>(
@@ -87,8 +62,9 @@ fn establish<'a>(
     let b = media_pair();
     let a_port = a.0.local_addr().expect("addr").port();
     let b_port = b.0.local_addr().expect("addr").port();
+    let offer = audio_sdp(a_port, codecs);
     caller.send(
-        invite(pbx.sip_addr(), &caller, &audio_sdp(a_port, codecs), call_id).as_bytes(),
+        &invite(pbx.sip_addr(), "1002", caller.addr(), call_id, Some(&offer)),
         pbx.sip_addr(),
     );
     // Either the callee is offered the call or the caller is refused.
@@ -135,7 +111,7 @@ fn establish<'a>(
         pbx: pbx.sip_addr(),
     };
     call.caller
-        .send(caller_request(&call, "ACK", 1, None).as_bytes(), call.pbx);
+        .send(&caller_request(&call, "ACK", 1, None), call.pbx);
     call.callee.expect_request("ACK");
     Ok(call)
 }
@@ -156,7 +132,7 @@ fn receive(socket: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
 
 fn hang_up(call: &Call<'_>) {
     call.caller
-        .send(caller_request(call, "BYE", 2, None).as_bytes(), call.pbx);
+        .send(&caller_request(call, "BYE", 2, None), call.pbx);
     let bye = call.callee.expect_request("BYE");
     call.callee.send(
         &response_to(&bye, "200 OK", call.callee.addr(), None),
@@ -226,10 +202,8 @@ fn hold_by_reinvite_keeps_direction_and_follows_the_new_port() {
     let (moved, _) = media_pair();
     let moved_port = moved.local_addr().expect("addr").port();
     let hold = audio_sdp(moved_port, "0 101").replace("a=sendrecv", "a=sendonly");
-    call.caller.send(
-        caller_request(&call, "INVITE", 3, Some(&hold)).as_bytes(),
-        call.pbx,
-    );
+    call.caller
+        .send(&caller_request(&call, "INVITE", 3, Some(&hold)), call.pbx);
     let reinvite = call.callee.expect_request("INVITE");
     assert!(reinvite.contains("a=sendonly"), "{reinvite}");
     assert_eq!(
@@ -247,7 +221,7 @@ fn hold_by_reinvite_keeps_direction_and_follows_the_new_port() {
     assert_eq!(code, 200);
     assert!(ok.contains("a=recvonly"), "{ok}");
     call.caller
-        .send(caller_request(&call, "ACK", 3, None).as_bytes(), call.pbx);
+        .send(&caller_request(&call, "ACK", 3, None), call.pbx);
     call.callee.expect_request("ACK");
     moved
         .set_read_timeout(Some(Duration::from_secs(2)))

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use sip_pbx_e2e::phone::{authorization, challenges, contacts, Phone};
 use sip_pbx_e2e::{
-    assert_sipp_ok, free_port, header, http_request, status_code, wait_until, Pbx, SipClient, Sipp,
+    assert_sipp_ok, free_port, header, http_request, invite, status_code, wait_until, Pbx,
+    SipClient, Sipp,
 };
 
 /// Accounts 1001/secret1 and 1002/secret2; `auth_extra` adds auth keys.
@@ -173,21 +174,14 @@ fn a_binding_expires_on_time() {
     assert!(registered.elapsed() >= Duration::from_millis(1500));
     // The lapsed user is unknown to routing now (no static routes): 404.
     let client = SipClient::new();
-    client.send(&invite(&pbx, &client, "1001", "x1"), pbx.sip_addr());
+    client.send(
+        &invite(pbx.sip_addr(), "1001", client.addr(), "x1", None),
+        pbx.sip_addr(),
+    );
     let (code, _) = client
         .final_response(Duration::from_secs(5))
         .expect("answer");
     assert_eq!(code, 404);
-}
-
-fn invite(pbx: &Pbx, client: &SipClient, to: &str, call_id: &str) -> Vec<u8> {
-    let (p, me) = (pbx.sip_addr(), client.addr());
-    format!(
-        "INVITE sip:{to}@{p} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{call_id};rport\r\n\
-         Max-Forwards: 70\r\nFrom: <sip:1001@{p}>;tag=f{call_id}\r\nTo: <sip:{to}@{p}>\r\n\
-         Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@{me}>\r\nContent-Length: 0\r\n\r\n"
-    )
-    .into_bytes()
 }
 
 #[test]
@@ -201,7 +195,10 @@ fn an_unauthenticated_invite_gets_407_and_places_no_call() {
         ),
     );
     let client = SipClient::new();
-    client.send(&invite(&pbx, &client, "5555", "noauth1"), pbx.sip_addr());
+    client.send(
+        &invite(pbx.sip_addr(), "5555", client.addr(), "noauth1", None),
+        pbx.sip_addr(),
+    );
     let (code, text) = client
         .final_response(Duration::from_secs(5))
         .expect("answer");

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use sip_pbx_e2e::{
-    assert_sipp_ok, free_port, header, response_to, status_code, wait_until, Pbx, SipClient, Sipp,
+    assert_sipp_ok, caller_request, free_port, header, invite, response_to, status_code,
+    wait_until, Pbx, SipClient, Sipp,
 };
 
 const CALL_LIMIT: Duration = Duration::from_secs(30);
@@ -158,16 +159,55 @@ fn unknown_method_gets_501() {
     assert_sipp_ok(&run, "unknown method");
 }
 
-/// An INVITE from a raw client; returns it and the client.
+/// An INVITE for 1002 from a new raw client; returns the client.
 fn raw_invite(pbx: &Pbx, call_id: &str) -> SipClient {
     let client = SipClient::new();
-    let me = client.addr();
-    let to = pbx.sip_addr();
-    let invite = format!(
-        "INVITE sip:1002@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{call_id};rport\r\nMax-Forwards: 70\r\nFrom: <sip:1001@{me}>;tag=raw1\r\nTo: <sip:1002@{to}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@{me}>\r\nContent-Length: 0\r\n\r\n"
+    client.send(
+        &invite(pbx.sip_addr(), "1002", client.addr(), call_id, None),
+        pbx.sip_addr(),
     );
-    client.send(invite.as_bytes(), to);
     client
+}
+
+#[test]
+fn a_bye_while_ringing_ends_the_invite_with_487_and_cancels_the_callee() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), "");
+    let caller = raw_invite(&pbx, "early-bye");
+    let invite = callee.expect_request("INVITE");
+    callee.send(
+        &response_to(&invite, "180 Ringing", callee.addr(), None),
+        pbx.sip_addr(),
+    );
+    let (code, ringing) = caller.final_response(CALL_LIMIT).expect("180");
+    assert_eq!(code, 180, "{ringing}");
+    caller.send(
+        &caller_request("BYE", &ringing, caller.addr(), 2, None),
+        pbx.sip_addr(),
+    );
+    let mut answers: Vec<String> = (0..2)
+        .map(|_| caller.final_response(CALL_LIMIT).expect("answers").1)
+        .map(|text| {
+            format!(
+                "{} {}",
+                status_code(&text).unwrap_or(0),
+                header(&text, "CSeq").unwrap_or_default()
+            )
+        })
+        .collect();
+    answers.sort();
+    assert_eq!(answers, ["200 2 BYE", "487 1 INVITE"]);
+    let cancel = callee.expect_request("CANCEL");
+    callee.send(
+        &response_to(&cancel, "200 OK", callee.addr(), None),
+        pbx.sip_addr(),
+    );
+    callee.send(
+        &response_to(&invite, "487 Request Terminated", callee.addr(), None),
+        pbx.sip_addr(),
+    );
+    callee.expect_request("ACK");
+    assert_no_calls_left(&pbx);
 }
 
 #[test]

@@ -131,22 +131,38 @@ pub struct AwaitedAck {
     pub offer_in_2xx: bool,
 }
 
+/// One branch of the B leg: the INVITE sent to one of the callee's
+/// contacts. A call to a user with several registered phones rings them
+/// all (parallel forking); the first to answer becomes the B leg.
+#[derive(Debug)]
+pub struct Fork {
+    pub tx: TxId,
+    pub dialog: Dialog,
+    /// The final failure response it gave, once it has.
+    pub failed: Option<u16>,
+}
+
 #[derive(Debug)]
 pub struct Call {
     pub key: CallKey,
     pub state: CallState,
     pub parties: CallParties,
     pub a: Dialog,
-    pub b: Option<Dialog>,
+    /// The B leg's branches; once one answers, only that one.
+    pub forks: Vec<Fork>,
+    /// The fork that is the B leg: the one that answered, or while ringing
+    /// the first that sent a provisional response (its early dialog is
+    /// the one the caller sees).
+    pub b: Option<usize>,
     /// The caller's INVITE and its server transaction.
     pub a_invite: Message,
     pub a_invite_tx: TxId,
-    pub b_invite_tx: Option<TxId>,
+    /// The best final failure from the forks so far, as relayed to the
+    /// caller when every fork has failed.
+    pub best_failure: Option<Message>,
     pub media: MediaSessionId,
     pub started: DateTime<Utc>,
     pub answered: Option<DateTime<Utc>>,
-    /// The caller cancelled before the B leg had anything to cancel.
-    pub cancel_pending: bool,
     pub ringing_sent: bool,
     pub awaited_ack: Option<AwaitedAck>,
     /// The ACK sent on the B leg for its 2xx, resent when the 2xx repeats.
@@ -170,14 +186,17 @@ impl Call {
     pub fn leg(&self, side: LegSide) -> Option<&Dialog> {
         match side {
             LegSide::A => Some(&self.a),
-            LegSide::B => self.b.as_ref(),
+            LegSide::B => self.b.and_then(|i| self.forks.get(i)).map(|f| &f.dialog),
         }
     }
 
     pub fn leg_mut(&mut self, side: LegSide) -> Option<&mut Dialog> {
         match side {
             LegSide::A => Some(&mut self.a),
-            LegSide::B => self.b.as_mut(),
+            LegSide::B => self
+                .b
+                .and_then(|i| self.forks.get_mut(i))
+                .map(|f| &mut f.dialog),
         }
     }
 
@@ -205,6 +224,14 @@ impl Call {
             SdpRole::Offer
         }
     }
+}
+
+/// Whether final failure `code` from one fork is a better answer for the
+/// caller than `best` from another (RFC 3261 §16.7: a 6xx ends the search,
+/// else the lowest class wins; among equals the first stays).
+pub fn better_failure(code: u16, best: Option<u16>) -> bool {
+    let rank = |c: u16| if c >= 600 { 0 } else { c / 100 };
+    best.is_none_or(|b| rank(code) < rank(b))
 }
 
 /// CDR disposition of a call that ended with final response `code`.

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use self::call::{
-    disposition_for, token, AwaitedAck, Call, CallKey, CallState, Dialog, Outcome, Relay,
+    better_failure, disposition_for, token, AwaitedAck, Call, CallKey, CallState, Dialog, Fork,
+    Outcome, Relay,
 };
 use self::checks::{
     check_body, check_new_request, check_require, Refusal, ACCEPT, ALLOW, SUPPORTED,
@@ -105,12 +106,13 @@ pub struct RegisterJob {
     pub source: Peer,
 }
 
+/// What a client transaction of ours is for. CANCELs, and PRACKs the PBX
+/// sends itself, are not tracked: their answers change nothing.
 #[derive(Debug)]
 enum ClientPurpose {
     Invite(CallKey),
     Relay(Box<Relay>),
     Bye(CallKey, LegSide),
-    Cancel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -123,6 +125,10 @@ enum CallTimer {
 
 /// How long a late 2xx to a cancelled INVITE can arrive (64*T1).
 const ORPHAN_LIFETIME: Duration = Duration::from_secs(32);
+
+/// Reason of the CANCEL sent to the phones that lost the race to answer
+/// (RFC 3326), so that they do not show a missed call.
+const COMPLETED_ELSEWHERE: &str = "SIP;cause=200;text=\"Call completed elsewhere\"";
 
 pub struct B2bua {
     settings: CallSettings,
@@ -407,14 +413,14 @@ impl B2bua {
                 state: CallState::Routing,
                 parties: parties.clone(),
                 a,
+                forks: Vec::new(),
                 b: None,
                 a_invite: request,
                 a_invite_tx: tx,
-                b_invite_tx: None,
+                best_failure: None,
                 media,
                 started: Utc::now(),
                 answered: None,
-                cancel_pending: false,
                 ringing_sent: false,
                 awaited_ack: None,
                 b_ack: None,
@@ -462,75 +468,101 @@ impl B2bua {
         }
         match outcome {
             RouteOutcome::Reject(code) => self.fail_call(key, code, txl, now),
-            RouteOutcome::Targets(targets) => match targets.into_iter().next() {
-                Some(target) => self.start_b_leg(key, target, txl, now),
-                None => self.fail_call(key, 404, txl, now),
-            },
+            RouteOutcome::Targets(targets) if targets.is_empty() => {
+                self.fail_call(key, 404, txl, now)
+            }
+            RouteOutcome::Targets(targets) => self.start_b_leg(key, targets, txl, now),
         }
     }
 
+    /// Sends the B leg's INVITE to every target at once, with one offer.
     fn start_b_leg(
         &mut self,
         key: CallKey,
-        target: Target,
+        targets: Vec<Target>,
         txl: &mut TransactionLayer,
         now: Instant,
     ) {
         let Some(call) = self.calls.get_mut(&key) else {
             return;
         };
-        let a_invite = &call.a_invite;
-        let mut from = call.a.remote.clone();
-        from.params.clear();
-        let to = if target.registered {
-            call.a.local.clone()
-        } else {
-            let mut uri = target.uri.clone();
-            uri.params.clear();
-            NameAddr::new(Uri::Sip(uri))
-        };
-        let mut b = Dialog {
-            call_id: format!("{}@{}", token(), txl.local().host),
-            local_tag: token(),
-            remote_tag: None,
-            local: from,
-            remote: to,
-            local_seq: 0,
-            invite_seq: 0,
-            remote_target: Uri::Sip(target.uri.clone()),
-            route_set: Vec::new(),
-            peer: target.peer,
-            contact: contact(txl, target.peer.protocol),
-        };
-        let mut invite = b.request(Method::Invite);
-        let mf = checks::forwarded_max_forwards(a_invite).unwrap_or(69);
-        invite.headers.set("Max-Forwards", mf.to_string());
-        copy_headers(a_invite, &mut invite, &REQUEST_HEADERS);
-        let offer = a_invite.sdp().cloned();
-        let media = call.media;
-        if let Some(sdp) = offer {
-            call.open_offer = Some(LegSide::A);
-            match self.media.relay_sdp(media, LegSide::A, SdpRole::Offer, sdp) {
-                Ok(body) => invite.set_body(Some("application/sdp"), body),
-                Err(e) => {
-                    let code = media_error_code(&e);
-                    return self.fail_call(key, code, txl, now);
+        let offer = match call.a_invite.sdp().cloned() {
+            Some(sdp) => {
+                call.open_offer = Some(LegSide::A);
+                match self
+                    .media
+                    .relay_sdp(call.media, LegSide::A, SdpRole::Offer, sdp)
+                {
+                    Ok(body) => Some(body),
+                    Err(e) => return self.fail_call(key, media_error_code(&e), txl, now),
                 }
             }
+            None => None,
+        };
+        let max_forwards = checks::forwarded_max_forwards(&call.a_invite).unwrap_or(69);
+        for target in targets {
+            let mut dialog = b_dialog(call, &target, txl);
+            let mut invite = dialog.request(Method::Invite);
+            invite.headers.set("Max-Forwards", max_forwards.to_string());
+            copy_headers(&call.a_invite, &mut invite, &REQUEST_HEADERS);
+            if let Some(body) = &offer {
+                invite.set_body(Some("application/sdp"), body.clone());
+            }
+            self.dialogs.insert(
+                (dialog.call_id.clone(), dialog.local_tag.clone()),
+                (key, LegSide::B),
+            );
+            let tx = txl.send_request(invite, target.peer, now);
+            self.client_txs.insert(tx, ClientPurpose::Invite(key));
+            call.forks.push(Fork {
+                tx,
+                dialog,
+                failed: None,
+            });
         }
-        self.dialogs
-            .insert((b.call_id.clone(), b.local_tag.clone()), (key, LegSide::B));
-        let tx = txl.send_request(invite, target.peer, now);
-        self.client_txs.insert(tx, ClientPurpose::Invite(key));
-        call.b = Some(b);
-        call.b_invite_tx = Some(tx);
         call.state = CallState::Early;
         self.timers
             .schedule(now + self.settings.ring_timeout, (key, CallTimer::Ring));
     }
 
+    /// Gives up on the call's ringing forks except `keep`: each is
+    /// cancelled (the transaction layer holds the CANCEL until a
+    /// provisional response allows it) and remembered as an orphan, so
+    /// that a 2xx crossing the CANCEL is acknowledged and hung up.
+    fn abandon_forks(
+        &mut self,
+        key: CallKey,
+        keep: Option<usize>,
+        reason: Option<&str>,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        call.b = None;
+        for (index, fork) in std::mem::take(&mut call.forks).into_iter().enumerate() {
+            if Some(index) == keep {
+                call.b = Some(call.forks.len());
+                call.forks.push(fork);
+                continue;
+            }
+            self.dialogs
+                .remove(&(fork.dialog.call_id.clone(), fork.dialog.local_tag.clone()));
+            if fork.failed.is_some() {
+                continue;
+            }
+            txl.cancel(fork.tx, reason, now);
+            self.client_txs.remove(&fork.tx);
+            self.orphans.insert(fork.tx, fork.dialog);
+            self.timers
+                .schedule(now + ORPHAN_LIFETIME, (fork.tx, CallTimer::Orphan));
+        }
+    }
+
     /// Ends a call that never reached the callee, with `code` to the caller.
     fn fail_call(&mut self, key: CallKey, code: u16, txl: &mut TransactionLayer, now: Instant) {
+        self.abandon_forks(key, None, None, txl, now);
         let Some(call) = self.calls.get(&key) else {
             return;
         };
@@ -560,20 +592,7 @@ impl B2bua {
         }
         let terminated = Message::response_to(&call.a_invite, 487, Some(&call.a.local_tag));
         txl.respond(call.a_invite_tx, &terminated, now);
-        match call.b_invite_tx {
-            Some(b_tx) if call.b.as_ref().is_some_and(|b| b.remote_tag.is_some()) => {
-                if let Some(cancel) = txl.cancel(b_tx, now) {
-                    self.client_txs.insert(cancel, ClientPurpose::Cancel);
-                }
-            }
-            Some(_) => {
-                // RFC 3261 §9.1: no CANCEL before a provisional response;
-                // it goes when one arrives.
-                call.cancel_pending = true;
-                return;
-            }
-            None => {}
-        }
+        self.abandon_forks(key, None, None, txl, now);
         self.finish(key, outcome(487, None));
     }
 
@@ -588,7 +607,6 @@ impl B2bua {
             Some(ClientPurpose::Invite(key)) => ClientPurpose::Invite(*key),
             Some(ClientPurpose::Relay(relay)) => ClientPurpose::Relay(relay.clone()),
             Some(ClientPurpose::Bye(key, side)) => ClientPurpose::Bye(*key, *side),
-            Some(ClientPurpose::Cancel) => return,
             None => return self.on_orphan_response(tx, &response, txl, now),
         };
         let code = response.code().unwrap_or(500);
@@ -605,7 +623,6 @@ impl B2bua {
                     self.bye_done(key, side);
                 }
             }
-            ClientPurpose::Cancel => {}
         }
     }
 
@@ -621,94 +638,83 @@ impl B2bua {
         let Some(call) = self.calls.get_mut(&key) else {
             return;
         };
+        let Some(index) = call.forks.iter().position(|f| f.tx == tx) else {
+            return;
+        };
         if (200..300).contains(&code) && call.b_ack.is_some() {
             // The callee did not hear our ACK: repeat it.
-            if let (Some(ack), Some(b)) = (call.b_ack.clone(), call.b.as_ref()) {
+            if let (Some(ack), Some(b)) = (call.b_ack.clone(), call.leg(LegSide::B)) {
                 txl.resend(b.peer, ack);
-            }
-            return;
-        }
-        if let Some(b) = call.b.as_mut() {
-            if code > 100 && response.to_tag().is_some() {
-                b.learn(&response, true);
-            }
-        }
-        if call.cancel_pending {
-            if code < 200 {
-                if let Some(cancel) = txl.cancel(tx, now) {
-                    self.client_txs.insert(cancel, ClientPurpose::Cancel);
-                }
-                self.finish(key, outcome(487, None));
-            } else if code < 300 {
-                self.hang_up_b_after_2xx(key, &response, txl, now);
-            } else {
-                self.finish(key, outcome(487, None));
             }
             return;
         }
         if call.state != CallState::Early {
             return;
         }
-        let had_offer = call.a_invite.sdp().is_some();
-        let mut relayed = Message::response_to(&call.a_invite, code, Some(&call.a.local_tag));
-        if let StartLine::Response { reason, .. } = &response.start {
-            relayed.start = StartLine::Response {
-                code,
-                reason: reason.clone(),
-            };
-        }
-        copy_headers(&response, &mut relayed, &RESPONSE_HEADERS);
-        if code < 300 {
-            relayed.headers.push("Contact", call.a.contact.clone());
-        } else if code < 400 {
-            for contact in response.headers.get_all("Contact") {
-                relayed.headers.push("Contact", contact);
+        if let Some(fork) = call.forks.get_mut(index) {
+            if code > 100 && response.to_tag().is_some() {
+                fork.dialog.learn(&response, true);
             }
         }
+        match code {
+            ..=199 => self.fork_ringing(key, index, &response, txl, now),
+            200..=299 => {
+                self.abandon_forks(key, Some(index), Some(COMPLETED_ELSEWHERE), txl, now);
+                self.answered(key, &response, txl, now);
+            }
+            _ => self.fork_failed(key, index, Some(&response), txl, now),
+        }
+    }
+
+    /// A provisional response from a fork. The first fork to send one
+    /// speaks for the B leg; the caller already hears the ringing of the
+    /// others, whose reliable provisionals the PBX acknowledges itself.
+    fn fork_ringing(
+        &mut self,
+        key: CallKey,
+        index: usize,
+        response: &Message,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        let leader = *call.b.get_or_insert(index);
+        if leader != index {
+            if let (Some(rseq), Some(fork)) =
+                (response.headers.get("RSeq"), call.forks.get_mut(index))
+            {
+                let mut prack = fork.dialog.request(Method::Prack);
+                prack.headers.push(
+                    "RAck",
+                    format!("{} {} INVITE", rseq.trim(), fork.dialog.invite_seq),
+                );
+                txl.send_request(prack, fork.dialog.peer, now);
+            }
+            return;
+        }
+        let code = response.code().unwrap_or(180);
+        let mut relayed = to_caller(call, response);
         if let Some(sdp) = response.sdp().cloned() {
-            let role = call.response_sdp_role(LegSide::B, had_offer);
+            let role = call.response_sdp_role(LegSide::B, call.a_invite.sdp().is_some());
             match self.media.relay_sdp(call.media, LegSide::B, role, sdp) {
                 Ok(body) => relayed.set_body(Some("application/sdp"), body),
                 Err(e) => tracing::warn!(call = key, error = %e, "SDP from the callee not relayed"),
             }
         }
-        let a_tx = call.a_invite_tx;
-        match code {
-            101..=199 => {
-                txl.respond(a_tx, &relayed, now);
-                if !call.ringing_sent {
-                    call.ringing_sent = true;
-                    self.bus.publish(Event::CallRinging {
-                        call: call.parties.clone(),
-                        code,
-                    });
-                }
-            }
-            200..=299 => {
-                let offer_in_2xx = !had_offer && response.sdp().is_some();
-                call.state = CallState::Answered;
-                call.answered = Some(Utc::now());
-                call.awaited_ack = Some(AwaitedAck {
-                    origin: LegSide::A,
-                    server_tx: a_tx,
-                    offer_in_2xx,
-                });
-                txl.respond(a_tx, &relayed, now);
-                let codec = self.media.codec(call.media);
-                self.bus.publish(Event::CallAnswered {
-                    call: call.parties.clone(),
-                    codec,
-                });
-            }
-            _ => {
-                txl.respond(a_tx, &relayed, now);
-                self.finish(key, outcome(code, None));
-            }
+        txl.respond(call.a_invite_tx, &relayed, now);
+        if !call.ringing_sent {
+            call.ringing_sent = true;
+            self.bus.publish(Event::CallRinging {
+                call: call.parties.clone(),
+                code,
+            });
         }
     }
 
-    /// The callee answered a call the caller has already left: ACK and BYE.
-    fn hang_up_b_after_2xx(
+    /// The B leg answered (its other forks are already abandoned).
+    fn answered(
         &mut self,
         key: CallKey,
         response: &Message,
@@ -718,15 +724,69 @@ impl B2bua {
         let Some(call) = self.calls.get_mut(&key) else {
             return;
         };
-        let Some(b) = call.b.as_mut() else {
+        let had_offer = call.a_invite.sdp().is_some();
+        let mut relayed = to_caller(call, response);
+        if let Some(sdp) = response.sdp().cloned() {
+            let role = call.response_sdp_role(LegSide::B, had_offer);
+            match self.media.relay_sdp(call.media, LegSide::B, role, sdp) {
+                Ok(body) => relayed.set_body(Some("application/sdp"), body),
+                Err(e) => tracing::warn!(call = key, error = %e, "SDP from the callee not relayed"),
+            }
+        }
+        call.state = CallState::Answered;
+        call.answered = Some(Utc::now());
+        call.awaited_ack = Some(AwaitedAck {
+            origin: LegSide::A,
+            server_tx: call.a_invite_tx,
+            offer_in_2xx: !had_offer && response.sdp().is_some(),
+        });
+        txl.respond(call.a_invite_tx, &relayed, now);
+        let codec = self.media.codec(call.media);
+        self.bus.publish(Event::CallAnswered {
+            call: call.parties.clone(),
+            codec,
+        });
+    }
+
+    /// A fork ended with a failure (`response`, or none when it timed
+    /// out). When every fork has failed, or one declined with a 6xx, the
+    /// caller gets the best of their answers.
+    fn fork_failed(
+        &mut self,
+        key: CallKey,
+        index: usize,
+        response: Option<&Message>,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let Some(call) = self.calls.get_mut(&key) else {
             return;
         };
-        b.learn(response, true);
-        let ack = b.request(Method::Ack);
-        let wire = txl.send_ack(ack, b.peer);
-        call.b_ack = Some(wire);
-        self.send_bye(key, LegSide::B, txl, now);
-        self.finish(key, outcome(487, None));
+        let code = response.and_then(Message::code).unwrap_or(408);
+        if let Some(fork) = call.forks.get_mut(index) {
+            fork.failed = Some(code);
+        }
+        if call.b == Some(index) {
+            call.b = None;
+        }
+        if better_failure(code, call.best_failure.as_ref().and_then(Message::code)) {
+            call.best_failure = Some(match response {
+                Some(response) => to_caller(call, response),
+                None => Message::response_to(&call.a_invite, code, Some(&call.a.local_tag)),
+            });
+        }
+        if code < 600 && call.forks.iter().any(|f| f.failed.is_none()) {
+            return;
+        }
+        let Some(best) = call.best_failure.take() else {
+            return;
+        };
+        let code = best.code().unwrap_or(code);
+        self.abandon_forks(key, None, None, txl, now);
+        if let Some(call) = self.calls.get(&key) {
+            txl.respond(call.a_invite_tx, &best, now);
+        }
+        self.finish(key, outcome(code, None));
     }
 
     /// A response for the INVITE of a call that has ended before the callee
@@ -951,12 +1011,13 @@ impl B2bua {
     fn on_client_timeout(&mut self, tx: TxId, txl: &mut TransactionLayer, now: Instant) {
         match self.client_txs.remove(&tx) {
             Some(ClientPurpose::Invite(key)) => {
-                if self
+                let fork = self
                     .calls
                     .get(&key)
-                    .is_some_and(|c| c.state == CallState::Early)
-                {
-                    self.fail_call(key, 408, txl, now);
+                    .filter(|c| c.state == CallState::Early)
+                    .and_then(|c| c.forks.iter().position(|f| f.tx == tx));
+                if let Some(index) = fork {
+                    self.fork_failed(key, index, None, txl, now);
                 }
             }
             Some(ClientPurpose::Relay(relay)) => {
@@ -964,7 +1025,7 @@ impl B2bua {
                 txl.respond(relay.server_tx, &response, now);
             }
             Some(ClientPurpose::Bye(key, side)) => self.bye_done(key, side),
-            Some(ClientPurpose::Cancel) | None => {}
+            None => {}
         }
     }
 
@@ -980,8 +1041,8 @@ impl B2bua {
         }
     }
 
-    /// Ends an established call: BYE to every leg except `except` (the one
-    /// that sent BYE), then the record.
+    /// Ends a call: BYE to every leg except `except` (the one that sent
+    /// BYE), then the record. A call still ringing has its forks cancelled.
     pub fn hang_up(
         &mut self,
         key: CallKey,
@@ -996,12 +1057,22 @@ impl B2bua {
         if call.outcome.is_some() {
             return;
         }
-        if call.state == CallState::Answered && call.b_ack.is_none() {
-            // The callee's 2xx still waits for an ACK: give it one first.
-            if let Some(b) = call.b.as_mut() {
-                let ack = b.request(Method::Ack);
-                call.b_ack = Some(txl.send_ack(ack, b.peer));
+        match call.state {
+            CallState::Routing | CallState::Early => {
+                // A BYE in the early dialog ends the INVITE (RFC 3261 §15.1.2).
+                let terminated = Message::response_to(&call.a_invite, 487, Some(&call.a.local_tag));
+                txl.respond(call.a_invite_tx, &terminated, now);
+                self.abandon_forks(key, None, None, txl, now);
             }
+            CallState::Answered if call.b_ack.is_none() => {
+                // The callee's 2xx still waits for an ACK: give it one first.
+                if let Some(b) = call.leg_mut(LegSide::B) {
+                    let ack = b.request(Method::Ack);
+                    let wire = txl.send_ack(ack, b.peer);
+                    call.b_ack = Some(wire);
+                }
+            }
+            _ => {}
         }
         for side in [LegSide::A, LegSide::B] {
             if Some(side) != except {
@@ -1045,12 +1116,6 @@ impl B2bua {
         if call.outcome.is_some() {
             return;
         }
-        // A caller who cancelled is billed as cancelled whatever came after.
-        let done = if call.cancel_pending {
-            outcome(487, None)
-        } else {
-            done
-        };
         call.outcome = Some(done);
         let end = Utc::now();
         let duration = call
@@ -1088,20 +1153,12 @@ impl B2bua {
         self.media.close(call.media);
         self.dialogs
             .remove(&(call.a.call_id.clone(), call.a.local_tag.clone()));
-        if let Some(b) = &call.b {
+        for fork in &call.forks {
             self.dialogs
-                .remove(&(b.call_id.clone(), b.local_tag.clone()));
+                .remove(&(fork.dialog.call_id.clone(), fork.dialog.local_tag.clone()));
+            self.client_txs.remove(&fork.tx);
         }
         self.invite_server_txs.remove(&call.a_invite_tx);
-        if let Some(tx) = call.b_invite_tx {
-            self.client_txs.remove(&tx);
-            if let (CallState::Early, Some(b)) = (call.state, call.b) {
-                // The callee may still answer; remember how to hang up.
-                self.orphans.insert(tx, b);
-                self.timers
-                    .schedule(Instant::now() + ORPHAN_LIFETIME, (tx, CallTimer::Orphan));
-            }
-        }
         self.status
             .active_calls
             .store(self.calls.len(), Ordering::Relaxed);
@@ -1114,24 +1171,14 @@ impl B2bua {
                 self.orphans.remove(&key);
                 continue;
             }
-            let Some(call) = self.calls.get_mut(&key) else {
+            let Some(call) = self.calls.get(&key) else {
                 continue;
             };
             if call.state != CallState::Early || call.outcome.is_some() {
                 continue;
             }
             tracing::info!(call = key, "callee did not answer in time");
-            let response = Message::response_to(&call.a_invite, 480, Some(&call.a.local_tag));
-            txl.respond(call.a_invite_tx, &response, now);
-            if let Some(tx) = call.b_invite_tx {
-                match txl.cancel(tx, now) {
-                    Some(cancel) => {
-                        self.client_txs.insert(cancel, ClientPurpose::Cancel);
-                    }
-                    None => txl.forget_client(tx),
-                }
-            }
-            self.finish(key, outcome(480, None));
+            self.fail_call(key, 480, txl, now);
         }
     }
 
@@ -1144,11 +1191,6 @@ impl B2bua {
                 .get(&key)
                 .is_some_and(|c| matches!(c.state, CallState::Routing | CallState::Early));
             if early {
-                if let Some(tx) = self.calls.get(&key).and_then(|c| c.b_invite_tx) {
-                    if let Some(cancel) = txl.cancel(tx, now) {
-                        self.client_txs.insert(cancel, ClientPurpose::Cancel);
-                    }
-                }
                 self.fail_call(key, 503, txl, now);
             } else {
                 self.hang_up(key, None, reason, txl, now);
@@ -1213,6 +1255,57 @@ fn contact(txl: &TransactionLayer, protocol: Protocol) -> String {
         });
     }
     format!("<{uri}>")
+}
+
+/// The B leg's dialog towards `target`: its own Call-ID and tags, the
+/// caller as From, and as To the dialled user for a registered phone or
+/// the route's target.
+fn b_dialog(call: &Call, target: &Target, txl: &TransactionLayer) -> Dialog {
+    let mut from = call.a.remote.clone();
+    from.params.clear();
+    let to = if target.registered {
+        call.a.local.clone()
+    } else {
+        let mut uri = target.uri.clone();
+        uri.params.clear();
+        NameAddr::new(Uri::Sip(uri))
+    };
+    Dialog {
+        call_id: format!("{}@{}", token(), txl.local().host),
+        local_tag: token(),
+        remote_tag: None,
+        local: from,
+        remote: to,
+        local_seq: 0,
+        invite_seq: 0,
+        remote_target: Uri::Sip(target.uri.clone()),
+        route_set: Vec::new(),
+        peer: target.peer,
+        contact: contact(txl, target.peer.protocol),
+    }
+}
+
+/// The B leg's response to the INVITE, as the caller gets it: same code
+/// and reason, the headers worth relaying, and our Contact (the callee's
+/// for a redirect).
+fn to_caller(call: &Call, response: &Message) -> Message {
+    let code = response.code().unwrap_or(500);
+    let mut relayed = Message::response_to(&call.a_invite, code, Some(&call.a.local_tag));
+    if let StartLine::Response { reason, .. } = &response.start {
+        relayed.start = StartLine::Response {
+            code,
+            reason: reason.clone(),
+        };
+    }
+    copy_headers(response, &mut relayed, &RESPONSE_HEADERS);
+    if code < 300 {
+        relayed.headers.push("Contact", call.a.contact.clone());
+    } else if code < 400 {
+        for contact in response.headers.get_all("Contact") {
+            relayed.headers.push("Contact", contact);
+        }
+    }
+    relayed
 }
 
 fn copy_headers(from: &Message, to: &mut Message, names: &[&str]) {

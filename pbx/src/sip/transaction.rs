@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::message::{CSeq, Message, Method, StartLine, Via, BRANCH_COOKIE};
+use super::message::{CSeq, Message, Method, StartLine, BRANCH_COOKIE};
 use super::timer::TimerQueue;
 use super::transport::{Outbound, Peer};
 use super::uri::Host;
@@ -72,6 +72,8 @@ enum Timer {
     Timeout,
     /// Leave a finished state (D, I, J, K, M).
     Linger,
+    /// A cancelled INVITE still has no final response (RFC 3261 §9.1).
+    CancelGiveUp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -160,6 +162,16 @@ struct ClientTx {
     request: Message,
     wire: Bytes,
     interval: Duration,
+    cancel: Option<Cancel>,
+}
+
+/// The CANCEL of a client INVITE transaction.
+#[derive(Debug)]
+enum Cancel {
+    /// Waits for a provisional response: sent earlier, it could overtake
+    /// the INVITE and be answered 481 (RFC 3261 §9.1).
+    Deferred(Box<Message>),
+    Sent,
 }
 
 /// Where our own Via and Contact point: the advertised address and port.
@@ -416,6 +428,7 @@ impl TransactionLayer {
                 request,
                 wire: wire.clone(),
                 interval: self.timers.t1,
+                cancel: None,
             },
         );
         self.send(peer, wire);
@@ -432,35 +445,42 @@ impl TransactionLayer {
         )
     }
 
-    /// CANCELs the INVITE of client transaction `invite` (RFC 3261 §9.1).
-    pub fn cancel(&mut self, invite: TxId, now: Instant) -> Option<TxId> {
-        let tx = self.client.get(&invite)?;
-        if !tx.invite || !matches!(tx.state, State::Calling | State::Proceeding) {
-            return None;
+    /// CANCELs the INVITE of client transaction `invite` (RFC 3261 §9.1),
+    /// with `reason` as its Reason header (RFC 3326). Before any provisional
+    /// response the CANCEL waits for one; once sent, an INVITE still without
+    /// a final response after 64*T1 is given up.
+    pub fn cancel(&mut self, invite: TxId, reason: Option<&str>, now: Instant) {
+        let Some(tx) = self.client.get_mut(&invite) else {
+            return;
+        };
+        if !tx.invite || tx.cancel.is_some() {
+            return;
         }
-        let original = &tx.request;
-        let uri = original.request_uri()?.clone();
-        let mut cancel = Message::request(Method::Cancel, uri);
-        let via = original.headers.get("Via")?.to_string();
-        let branch = Via::parse(&via).ok()?.branch()?.to_string();
-        cancel.headers.push("Via", via);
-        for name in ["Route", "From", "To", "Call-ID"] {
-            for value in original.headers.get_all(name) {
-                cancel.headers.push(name, value);
-            }
+        let Some(cancel) = cancel_request(&tx.request, reason) else {
+            return;
+        };
+        match tx.state {
+            State::Calling => tx.cancel = Some(Cancel::Deferred(Box::new(cancel))),
+            State::Proceeding => self.send_cancel(invite, cancel, now),
+            _ => {}
         }
-        let seq = original.cseq()?.seq;
-        cancel.headers.push(
-            "CSeq",
-            CSeq {
-                seq,
-                method: Method::Cancel,
-            }
-            .to_string(),
-        );
-        cancel.headers.push("Max-Forwards", "70");
+    }
+
+    fn send_cancel(&mut self, invite: TxId, cancel: Message, now: Instant) {
+        let Some(tx) = self.client.get_mut(&invite) else {
+            return;
+        };
+        tx.cancel = Some(Cancel::Sent);
         let peer = tx.peer;
-        Some(self.start_client(cancel, branch, peer, now))
+        let Some(branch) = cancel
+            .top_via()
+            .and_then(|v| v.branch().map(str::to_string))
+        else {
+            return;
+        };
+        self.start_client(cancel, branch, peer, now);
+        self.queue
+            .schedule(now + self.timers.timeout(), (invite, Timer::CancelGiveUp));
     }
 
     /// Sends an ACK for a 2xx (a request outside any transaction).
@@ -503,6 +523,13 @@ impl TransactionLayer {
         match (tx.state, code) {
             (State::Calling | State::Proceeding, 100..=199) => {
                 tx.state = State::Proceeding;
+                let deferred = match tx.cancel.take() {
+                    Some(Cancel::Deferred(cancel)) => Some(*cancel),
+                    other => {
+                        tx.cancel = other;
+                        None
+                    }
+                };
                 if tx.invite {
                     // Timer B only guards the Calling state.
                     tx.interval = Duration::MAX;
@@ -511,6 +538,9 @@ impl TransactionLayer {
                 }
                 if code > 100 || !tx.invite {
                     self.events.push(TuEvent::Response { tx: id, response });
+                }
+                if let Some(cancel) = deferred {
+                    self.send_cancel(id, cancel, now);
                 }
             }
             (State::Calling | State::Proceeding, 200..=299) if tx.invite => {
@@ -613,14 +643,9 @@ impl TransactionLayer {
                 self.events.push(TuEvent::Timeout { tx: id });
             }
             (Timer::Linger, State::Completed | State::Accepted) => self.remove_client(id),
+            (Timer::CancelGiveUp, State::Proceeding) => self.remove_client(id),
             _ => {}
         }
-    }
-
-    /// Ends an INVITE client transaction that has provisional responses but
-    /// no final one when the user gives up on it (after its CANCEL).
-    pub fn forget_client(&mut self, id: TxId) {
-        self.remove_client(id);
     }
 
     fn remove_server(&mut self, id: TxId) {
@@ -657,6 +682,32 @@ pub fn response_destination(request: &Message, source: Peer) -> Peer {
         addr: std::net::SocketAddr::new(ip, via.port.unwrap_or(5060)),
         protocol: source.protocol,
     }
+}
+
+/// The CANCEL of `invite` (RFC 3261 §9.1): its Request-URI, top Via,
+/// Route, From, To, Call-ID and CSeq number.
+fn cancel_request(invite: &Message, reason: Option<&str>) -> Option<Message> {
+    let mut cancel = Message::request(Method::Cancel, invite.request_uri()?.clone());
+    cancel.headers.push("Via", invite.headers.get("Via")?);
+    for name in ["Route", "From", "To", "Call-ID"] {
+        for value in invite.headers.get_all(name) {
+            cancel.headers.push(name, value);
+        }
+    }
+    let seq = invite.cseq()?.seq;
+    cancel.headers.push(
+        "CSeq",
+        CSeq {
+            seq,
+            method: Method::Cancel,
+        }
+        .to_string(),
+    );
+    cancel.headers.push("Max-Forwards", "70");
+    if let Some(reason) = reason {
+        cancel.headers.push("Reason", reason);
+    }
+    Some(cancel)
 }
 
 /// The ACK for a non-2xx final response (RFC 3261 §17.1.1.3).
@@ -836,6 +887,41 @@ mod tests {
             "a repeated final is ACKed again"
         );
         assert!(txl.take_events().is_empty());
+    }
+
+    #[test]
+    fn cancel_waits_for_a_provisional_then_gives_the_invite_up() {
+        let mut txl = layer();
+        let t0 = Instant::now();
+        let mut req = invite("unused");
+        req.headers.remove("Via");
+        let tx = txl.send_request(req, peer(), t0);
+        let sent = parse_datagram(&txl.take_outbox().remove(0).data)
+            .expect("ours")
+            .message;
+        txl.cancel(tx, Some("SIP;cause=200"), t0);
+        assert!(txl.take_outbox().is_empty(), "no CANCEL before a 1xx");
+        let mut trying = Message::response_to(&sent, 100, None);
+        trying
+            .headers
+            .set("Via", sent.headers.get("Via").unwrap_or_default());
+        txl.on_response(trying, t0 + Duration::from_millis(100));
+        let out = txl.take_outbox();
+        assert_eq!(codes(&out), vec!["CANCEL sip:bob@127.0.0.1 SIP/2.0"]);
+        let cancel = parse_datagram(&out[0].data).expect("ours").message;
+        assert_eq!(
+            cancel.top_via(),
+            sent.top_via(),
+            "same branch as the INVITE"
+        );
+        assert_eq!(cancel.headers.get("Reason"), Some("SIP;cause=200"));
+        txl.cancel(tx, None, t0 + Duration::from_millis(200));
+        assert!(txl.take_outbox().is_empty(), "one CANCEL per INVITE");
+        txl.on_timers(t0 + Duration::from_secs(40));
+        assert!(
+            !txl.client.contains_key(&tx),
+            "an INVITE never answered after its CANCEL is given up"
+        );
     }
 
     #[test]
