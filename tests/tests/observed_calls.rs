@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
+use sip_pbx_e2e::phone::Phone;
 use sip_pbx_e2e::{
     assert_sipp_ok, cdr_records_in, free_port, header, wait_until, Pbx, SipClient, Sipp,
 };
@@ -250,6 +251,36 @@ fn webhooks_spooled_while_the_receiver_is_down_arrive_after_a_restart() {
     let _pbx = Pbx::start(uas_port, &config);
     let events = hook.events(4, "s3cret");
     assert_call_events(&events);
+}
+
+#[test]
+fn webhooks_announce_a_registration_and_its_expiry() {
+    let hook = receiver(free_port());
+    let spool = tempfile::tempdir().expect("spool");
+    let config = format!(
+        "{}\nregistrar:\n  min_expires: 1\n  max_expires: 3600\n",
+        webhook_config(hook.port, spool.path())
+    );
+    let pbx = Pbx::start(1, &config);
+    let mut phone = Phone::new("1001", pbx.sip_addr());
+    let contact = phone.contact("desk");
+    let (code, text) = phone.register(&[format!("Contact: {contact}"), "Expires: 2".into()]);
+    assert_eq!(code, 200, "{text}");
+    let events = hook.events(2, "s3cret");
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types, ["registration.created", "registration.expired"]);
+    let uri = contact.trim_matches(['<', '>']);
+    for event in &events {
+        assert_eq!(event["data"]["aor"], "1001", "{event}");
+        assert_eq!(event["data"]["contact"], uri, "{event}");
+    }
+    assert_eq!(events[0]["data"]["expires"], 2, "{}", events[0]);
+    assert_eq!(
+        events[0]["data"]["source"],
+        format!("{}/UDP", phone.client.addr()),
+        "the address the phone registered from: {}",
+        events[0]
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
