@@ -63,6 +63,33 @@ fn respond(phone: &Phone, request: &str, status: &str, to: SocketAddr) {
         .send(&response_to(request, status, phone.client.addr(), None), to);
 }
 
+/// `phone` answers: the caller gets the 200 and acknowledges it, and the
+/// ACK reaches the phone. Returns the caller's 200.
+fn answer(pbx: &Pbx, caller: &SipClient, phone: &Phone, invite: &str) -> String {
+    respond(phone, invite, "200 OK", pbx.sip_addr());
+    let (code, ok) = caller.final_response(LIMIT).expect("answer");
+    assert_eq!(code, 200, "{ok}");
+    caller.send(
+        &caller_request("ACK", &ok, caller.addr(), 1, None),
+        pbx.sip_addr(),
+    );
+    phone.client.expect_request("ACK");
+    ok
+}
+
+/// The caller hangs up the call `ok` answered by `phone`; no call is left.
+fn hang_up(pbx: &Pbx, caller: &SipClient, ok: &str, phone: &Phone) {
+    caller.send(
+        &caller_request("BYE", ok, caller.addr(), 2, None),
+        pbx.sip_addr(),
+    );
+    let bye = phone.client.expect_request("BYE");
+    respond(phone, &bye, "200 OK", pbx.sip_addr());
+    let (code, _) = caller.final_response(LIMIT).expect("BYE answered");
+    assert_eq!(code, 200);
+    wait_until(LIMIT, "no calls left", || pbx.active_calls() == 0);
+}
+
 #[test]
 fn every_phone_rings_and_the_first_to_answer_takes_the_call() {
     let pbx = pbx();
@@ -81,7 +108,7 @@ fn every_phone_rings_and_the_first_to_answer_takes_the_call() {
     let (code, ringing) = caller.final_response(LIMIT).expect("ringing");
     assert_eq!(code, 180, "{ringing}");
 
-    respond(&phones[1], &invites[1], "200 OK", pbx.sip_addr());
+    let ok = answer(&pbx, &caller, &phones[1], &invites[1]);
     let cancel = next(&phones[0].client, &invites[0]);
     assert_eq!(method(&cancel), "CANCEL", "{cancel}");
     assert_eq!(header(&cancel, "Call-ID"), header(&invites[0], "Call-ID"));
@@ -99,26 +126,10 @@ fn every_phone_rings_and_the_first_to_answer_takes_the_call() {
     let ack = next(&phones[0].client, &invites[0]);
     assert_eq!(method(&ack), "ACK", "the 487 is acknowledged: {ack}");
 
-    let (code, ok) = caller.final_response(LIMIT).expect("answer");
-    assert_eq!(code, 200, "{ok}");
-    caller.send(
-        &caller_request("ACK", &ok, caller.addr(), 1, None),
-        pbx.sip_addr(),
-    );
-    phones[1].client.expect_request("ACK");
-    caller.send(
-        &caller_request("BYE", &ok, caller.addr(), 2, None),
-        pbx.sip_addr(),
-    );
-    let bye = phones[1].client.expect_request("BYE");
-    respond(&phones[1], &bye, "200 OK", pbx.sip_addr());
-    let (code, _) = caller.final_response(LIMIT).expect("BYE answered");
-    assert_eq!(code, 200);
-
+    hang_up(&pbx, &caller, &ok, &phones[1]);
     let cdrs = pbx.wait_cdrs(1);
     assert_eq!(cdrs.len(), 1, "one call, one record: {cdrs:?}");
     assert_eq!(cdrs[0]["disposition"], "answered", "{cdrs:?}");
-    wait_until(LIMIT, "no calls left", || pbx.active_calls() == 0);
 }
 
 #[test]
@@ -127,14 +138,7 @@ fn a_silent_phone_is_cancelled_once_it_rings_and_a_late_answer_is_hung_up() {
     let phones = two_phones(&pbx);
     let caller = SipClient::new();
     let invites = ring(&pbx, &caller, &phones, "fork-late");
-    respond(&phones[1], &invites[1], "200 OK", pbx.sip_addr());
-    let (code, ok) = caller.final_response(LIMIT).expect("answer");
-    assert_eq!(code, 200, "{ok}");
-    caller.send(
-        &caller_request("ACK", &ok, caller.addr(), 1, None),
-        pbx.sip_addr(),
-    );
-    phones[1].client.expect_request("ACK");
+    let ok = answer(&pbx, &caller, &phones[1], &invites[1]);
 
     // RFC 3261 §9.1: no CANCEL for a branch that has not answered at all.
     while let Some(text) = phones[0].client.recv(Duration::from_millis(300)) {
@@ -154,13 +158,7 @@ fn a_silent_phone_is_cancelled_once_it_rings_and_a_late_answer_is_hung_up() {
     respond(&phones[0], &bye, "200 OK", pbx.sip_addr());
 
     assert_eq!(pbx.active_calls(), 1, "the answered call goes on");
-    caller.send(
-        &caller_request("BYE", &ok, caller.addr(), 2, None),
-        pbx.sip_addr(),
-    );
-    let bye = phones[1].client.expect_request("BYE");
-    respond(&phones[1], &bye, "200 OK", pbx.sip_addr());
-    wait_until(LIMIT, "no calls left", || pbx.active_calls() == 0);
+    hang_up(&pbx, &caller, &ok, &phones[1]);
 }
 
 #[test]
