@@ -213,6 +213,23 @@ fn format_attribute(line: &[u8]) -> Option<&[u8]> {
     rest.split(|&b| b == b' ').next()
 }
 
+/// Whether a line is ICE (RFC 8839): the PBX anchors the media on its own
+/// port and does not do ICE, so candidates would only lead a peer around
+/// the relay, or into connectivity checks nobody answers.
+fn is_ice_attribute(line: &[u8]) -> bool {
+    const ICE: [&[u8]; 8] = [
+        b"a=candidate:",
+        b"a=remote-candidates:",
+        b"a=end-of-candidates",
+        b"a=ice-ufrag:",
+        b"a=ice-pwd:",
+        b"a=ice-options:",
+        b"a=ice-lite",
+        b"a=ice-mismatch",
+    ];
+    ICE.iter().any(|prefix| line.starts_with(prefix))
+}
+
 /// Reads the streams of a body.
 pub fn parse(body: &[u8]) -> Result<Description, MediaError> {
     let lines = split_lines(body);
@@ -306,8 +323,16 @@ pub fn rewrite(body: &[u8], addr: IpAddr, actions: &[Action]) -> Result<Vec<u8>,
     let mut out = Vec::with_capacity(body.len() + 64);
     let mut current: Option<(&Stream, &Action)> = None;
     let mut index = 0;
+    let relays = actions.iter().any(|a| matches!(a, Action::Relay { .. }));
     for line in split_lines(body) {
         let text = line.text;
+        let relayed_here = match current {
+            None => relays,
+            Some((_, action)) => matches!(action, Action::Relay { .. }),
+        };
+        if relayed_here && is_ice_attribute(text) {
+            continue;
+        }
         let replaced = if text.starts_with(b"m=") {
             let stream = description
                 .streams
@@ -440,6 +465,33 @@ a=rtpmap:99 H264/90000\r\n";
             .replace("a=rtcp:49175", "a=rtcp:10001")
             .replace("m=video 51372", "m=video 10002");
         assert!(expected.contains("o=alice 2890844526 2890844527 IN IP4 203.0.113.5\r\n"));
+        assert_eq!(String::from_utf8_lossy(&out), expected);
+    }
+
+    #[test]
+    fn ice_is_removed_from_relayed_streams_only() {
+        let body = "v=0\r\no=- 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\n\
+a=ice-options:trickle\r\n\
+m=audio 49170 RTP/AVP 0\r\n\
+a=ice-ufrag:F7gI\r\na=ice-pwd:x9cml/YzichV2+XlhiMu8g\r\n\
+a=candidate:1 1 UDP 2130706431 192.0.2.10 49170 typ host\r\n\
+a=candidate:2 1 UDP 1694498815 198.51.100.7 61665 typ srflx raddr 192.0.2.10 rport 49170\r\n\
+a=end-of-candidates\r\na=sendrecv\r\n\
+m=video 51372 RTP/AVP 99\r\n\
+a=candidate:1 1 UDP 2130706431 192.0.2.10 51372 typ host\r\n";
+        let actions = [
+            Action::Relay {
+                port: 10000,
+                formats: None,
+            },
+            Action::Keep,
+        ];
+        let out = rewrite(body.as_bytes(), pbx(), &actions).expect("rewrite");
+        let expected =
+            "v=0\r\no=- 1 1 IN IP4 203.0.113.5\r\ns=-\r\nc=IN IP4 203.0.113.5\r\nt=0 0\r\n\
+m=audio 10000 RTP/AVP 0\r\na=sendrecv\r\n\
+m=video 51372 RTP/AVP 99\r\n\
+a=candidate:1 1 UDP 2130706431 192.0.2.10 51372 typ host\r\n";
         assert_eq!(String::from_utf8_lossy(&out), expected);
     }
 
