@@ -615,3 +615,4 @@ fn rand_suffix() -> u128 {
         .unwrap_or_default()
 }
 pub mod phone;
+pub mod softphone;
