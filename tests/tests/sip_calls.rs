@@ -112,17 +112,16 @@ fn repeated_200_from_callee_is_acknowledged_again() {
     let callee = SipClient::new();
     let me = callee.addr();
     let pbx = Pbx::start(me.port(), "");
-    let caller = std::thread::spawn({
-        let target = pbx.sip_addr().to_string();
-        move || {
-            Sipp::new("uac_basic.xml", free_port())
-                .args(["-m", "1", "-s", "1002", &target])
-                .run()
-        }
-    });
+    let caller = raw_invite(&pbx, "repeated-200");
     let invite = callee.expect_request("INVITE");
     let ok = response_to(&invite, "200 OK", me, None);
     callee.send(&ok, pbx.sip_addr());
+    let (code, ok_at_caller) = caller.final_response(CALL_LIMIT).expect("200");
+    assert_eq!(code, 200, "{ok_at_caller}");
+    caller.send(
+        &caller_request("ACK", &ok_at_caller, caller.addr(), 1, None),
+        pbx.sip_addr(),
+    );
     let first_ack = callee.expect_request("ACK");
     // As if the ACK had been lost: the callee repeats its 200.
     callee.send(&ok, pbx.sip_addr());
@@ -132,10 +131,14 @@ fn repeated_200_from_callee_is_acknowledged_again() {
         header(&second_ack, "CSeq"),
         "the same ACK again"
     );
+    caller.send(
+        &caller_request("BYE", &ok_at_caller, caller.addr(), 2, None),
+        pbx.sip_addr(),
+    );
     let bye = callee.expect_request("BYE");
     callee.send(&response_to(&bye, "200 OK", me, None), pbx.sip_addr());
-    let run = caller.join().expect("caller thread");
-    assert_sipp_ok(&run, "caller");
+    let (code, _) = caller.final_response(CALL_LIMIT).expect("BYE answered");
+    assert_eq!(code, 200);
     assert_no_calls_left(&pbx);
 }
 
