@@ -17,3 +17,5 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # (built once per machine, cached outside the clone).
 "$(dirname "$0")/k8s/setup.sh"
 "$(dirname "$0")/helm/setup.sh"
+# SIPp 3.7.3 (SHA-256 digest) beside the system's 3.6.1 (MD5 only).
+"$(dirname "$0")/sipp/setup-sha256.sh"

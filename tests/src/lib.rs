@@ -71,7 +71,8 @@ impl Pbx {
     /// Starts the PBX with the test defaults (loopback, direct media, routes
     /// of every user to `127.0.0.1:uas_port`) plus `extra` YAML top-level
     /// sections, which replace the defaults' sections of the same name;
-    /// `SIP_PORT` in them stands for the port the PBX listens on.
+    /// `SIP_PORT` in them stands for the port the PBX listens on, `PBX_DIR`
+    /// for its temporary directory (where `log()` and `traffic()` read).
     pub fn start(uas_port: u16, extra: &str) -> Pbx {
         let sip_port = free_port();
         let http_port = free_port();
@@ -91,7 +92,9 @@ impl Pbx {
         .into_iter()
         .map(|(name, body)| (name.to_string(), body))
         .collect();
-        let extra = extra.replace("SIP_PORT", &sip_port.to_string());
+        let extra = extra
+            .replace("SIP_PORT", &sip_port.to_string())
+            .replace("PBX_DIR", &d.to_string());
         for block in extra.split("\n\n").filter(|b| !b.trim().is_empty()) {
             let name = block
                 .trim_start()
@@ -141,6 +144,18 @@ impl Pbx {
         let read =
             |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
         format!("{}{}", read("stderr.log"), read("pbx.log"))
+    }
+
+    /// The SIP traffic log so far, of a PBX started with
+    /// `logging.sip_traffic_log: PBX_DIR/traffic`.
+    pub fn traffic(&self) -> String {
+        std::fs::read_dir(self.dir.path().join("traffic"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("sip_traffic_"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
     }
 
     /// GET on the HTTP API; returns status and body.
@@ -254,17 +269,78 @@ pub struct SippRun {
     pub output: String,
 }
 
+/// Where `tests/sipp/setup-sha256.sh` installs SIPp 3.7.3.
+pub fn sipp_sha256_cache() -> PathBuf {
+    std::env::var_os("SIP_PBX_SIPP373_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/sip-pbx-sipp373"))
+}
+
+/// SIPp 3.7.3 with SHA-256 digest (the system's SIPp 3.6.1 does MD5
+/// only): the wrapper `tests/sipp/setup-sha256.sh` installs. Fails the test
+/// if it is missing or is not that SIPp.
+pub fn sipp_sha256() -> PathBuf {
+    let sipp = sipp_sha256_cache().join("sipp");
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let setup = "run tests/sipp/setup-sha256.sh (tests/setup.sh does)";
+        assert!(
+            sipp.is_file(),
+            "SIPp 3.7.3 (SHA-256 digest) is not installed: no {}; {setup}",
+            sipp.display()
+        );
+        let out = Command::new(&sipp)
+            .arg("-v")
+            .output()
+            .unwrap_or_else(|e| panic!("{} does not run ({e}); {setup}", sipp.display()));
+        let version = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            version.contains("SIPp v3.7.3-") && version.contains("SHA256"),
+            "{} is not SIPp 3.7.3 with SHA-256; {setup}:\n{version}{}",
+            sipp.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    sipp
+}
+
 /// SIPp with a scenario from `tests/sipp/` (or a built-in: `uac`, `uas`).
 pub struct Sipp {
     command: Command,
+    install: &'static str,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Sipp {
+    /// The system's SIPp (`sipp` on PATH: Debian's sip-tester).
     pub fn new(scenario: &str, local_port: u16) -> Sipp {
+        Sipp::with_program(
+            "sipp".as_ref(),
+            "apt-get install sip-tester",
+            scenario,
+            local_port,
+        )
+    }
+
+    /// SIPp 3.7.3, which answers SHA-256 digest challenges ([`sipp_sha256`]).
+    pub fn sha256(scenario: &str, local_port: u16) -> Sipp {
+        Sipp::with_program(
+            &sipp_sha256(),
+            "tests/sipp/setup-sha256.sh",
+            scenario,
+            local_port,
+        )
+    }
+
+    fn with_program(
+        program: &Path,
+        install: &'static str,
+        scenario: &str,
+        local_port: u16,
+    ) -> Sipp {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut command = Command::new("sipp");
+        let mut command = Command::new(program);
         if scenario.ends_with(".xml") {
             command
                 .arg("-sf")
@@ -288,6 +364,7 @@ impl Sipp {
         let log = dir.path().join("sipp.log");
         Sipp {
             command,
+            install,
             log,
             _dir: dir,
         }
@@ -321,7 +398,7 @@ impl Sipp {
             .stdout(out.try_clone().expect("log"))
             .stderr(out)
             .status()
-            .expect("sipp runs (apt-get install sip-tester)");
+            .unwrap_or_else(|e| panic!("sipp runs ({}): {e}", self.install));
         let output = self.output();
         SippRun { status, output }
     }
@@ -343,7 +420,7 @@ impl Sipp {
             .stdout(out.try_clone().expect("log"))
             .stderr(out)
             .spawn()
-            .expect("sipp runs (apt-get install sip-tester)");
+            .unwrap_or_else(|e| panic!("sipp runs ({}): {e}", self.install));
         let mut process = SippProcess { child, sipp: self };
         wait_until(Duration::from_secs(10), "SIPp to bind its port", || {
             if let Ok(Some(status)) = process.child.try_wait() {

@@ -38,7 +38,8 @@ pub fn challenges(response: &str) -> Vec<Challenge> {
         .collect()
 }
 
-fn param(value: &str, name: &str) -> Option<String> {
+/// Parameter `name` of a Digest challenge or credentials value, unquoted.
+pub fn param(value: &str, name: &str) -> Option<String> {
     value.split(',').find_map(|part| {
         let (n, v) = part.trim().trim_start_matches("Digest ").split_once('=')?;
         n.trim()

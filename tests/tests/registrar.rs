@@ -1,12 +1,12 @@
 //! The registrar and digest authentication of the real `sip-pbx`: SIPp
-//! REGISTER with `[authentication]` (MD5), a raw phone answering SHA-256
-//! challenges, refresh/query/removal, expiry, wrong passwords and the
+//! REGISTER with `[authentication]` (MD5 with the system's SIPp 3.6.1,
+//! SHA-256 with SIPp 3.7.3), a raw phone answering SHA-256 challenges, refresh/query/removal, expiry, wrong passwords and the
 //! block that follows, stale nonces, unauthenticated INVITEs, and a call
 //! between two registered users.
 
 use std::time::{Duration, Instant};
 
-use sip_pbx_e2e::phone::{authorization, challenges, contacts, Phone};
+use sip_pbx_e2e::phone::{authorization, challenges, contacts, param, Phone};
 use sip_pbx_e2e::{
     assert_sipp_ok, free_port, header, http_request, invite, status_code, wait_until, Pbx,
     SipClient, Sipp,
@@ -17,6 +17,60 @@ fn auth(algorithms: &str, auth_extra: &str) -> String {
     format!(
         "auth:\n  enabled: true\n  algorithms: {algorithms}\n{auth_extra}  users:\n    - username: \"1001\"\n      password: \"secret1\"\n    - username: \"1002\"\n      password: \"secret2\"\n\nroutes: []\n"
     )
+}
+
+/// Logs DEBUG to the PBX's `pbx.log` and its SIP traffic to `Pbx::traffic`.
+const TRAFFIC_LOG: &str =
+    "\nlogging:\n  level: DEBUG\n  format: text\n  output: PBX_DIR/pbx.log\n  sip_traffic_log: PBX_DIR/traffic\n";
+
+/// The values of header `name` in the messages the PBX received, from its
+/// traffic log.
+fn received_headers(pbx: &Pbx, name: &str) -> Vec<String> {
+    let mut received = false;
+    let mut values = Vec::new();
+    for line in pbx.traffic().lines() {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with(|c: char| c.is_ascii_digit()) && line.contains(" RECEIVED from ") {
+            received = true;
+        } else if line.starts_with(|c: char| c.is_ascii_digit()) && line.contains(" SENT to ") {
+            received = false;
+        } else if let Some((n, v)) = line.split_once(':') {
+            if received && n.eq_ignore_ascii_case(name) {
+                values.push(v.trim().to_string());
+            }
+        }
+    }
+    values
+}
+
+/// Waits for the one credentials header `name` of `user` the PBX received,
+/// and asserts they are SHA-256 Digest credentials.
+fn assert_sha256_credentials(pbx: &Pbx, name: &str, user: &str) {
+    let mine = || {
+        received_headers(pbx, name)
+            .into_iter()
+            .filter(|v| param(v, "username").as_deref() == Some(user))
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "credentials in the traffic log",
+        || !mine().is_empty(),
+    );
+    let values = mine();
+    assert_eq!(values.len(), 1, "{name} of {user}: {values:?}");
+    let value = &values[0];
+    assert!(value.starts_with("Digest "), "{name}: {value}");
+    assert_eq!(
+        param(value, "algorithm").as_deref(),
+        Some("SHA-256"),
+        "{name}: {value}"
+    );
+    let response = param(value, "response").unwrap_or_default();
+    assert!(
+        response.len() == 64 && response.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a SHA-256 response is 64 hex digits: {name}: {value}"
+    );
 }
 
 fn auth_failures(pbx: &Pbx) -> u64 {
@@ -51,6 +105,56 @@ fn sipp_md5_registration_and_a_call_between_registered_users() {
     wait_until(Duration::from_secs(10), "no calls left", || {
         pbx.active_calls() == 0
     });
+}
+
+#[test]
+fn sipp_sha256_registration_and_a_call_between_registered_users() {
+    // SHA-256 only: an MD5 answer would be refused.
+    let pbx = Pbx::start(1, &format!("{}{TRAFFIC_LOG}", auth("[\"SHA-256\"]", "")));
+    let callee_port = free_port();
+    let register = Sipp::sha256("register_auth.xml", callee_port)
+        .args(["-m", "1", "-s", "1002", "-au", "1002", "-ap", "secret2"])
+        .args(["-key", "expires", "120"])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    assert_sipp_ok(&register, "REGISTER 1002 with SHA-256 digest");
+    let callee = Sipp::new("uas_answer.xml", callee_port)
+        .args(["-m", "1"])
+        .spawn(callee_port);
+    let caller = Sipp::sha256("uac_auth_call.xml", free_port())
+        .args(["-m", "1", "-s", "1002", "-au", "1001", "-ap", "secret1"])
+        .args(["-key", "caller", "1001"])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    assert_sipp_ok(&caller, "1001 calls 1002 after a SHA-256 407");
+    assert_sipp_ok(&callee.finish(Duration::from_secs(30)), "1002 answers");
+    wait_until(Duration::from_secs(10), "no calls left", || {
+        pbx.active_calls() == 0
+    });
+    assert_sha256_credentials(&pbx, "Authorization", "1002");
+    assert_sha256_credentials(&pbx, "Proxy-Authorization", "1001");
+    let traffic = pbx.traffic();
+    assert!(
+        !traffic.to_ascii_lowercase().contains("algorithm=md5"),
+        "no MD5 challenge or answer: {traffic}"
+    );
+    assert_eq!(auth_failures(&pbx), 0, "{}", pbx.log());
+}
+
+#[test]
+fn sipp_sha256_answers_the_sha256_of_two_challenges() {
+    let pbx = Pbx::start(
+        1,
+        &format!("{}{TRAFFIC_LOG}", auth("[\"SHA-256\", \"MD5\"]", "")),
+    );
+    let register = Sipp::sha256("register_auth.xml", free_port())
+        .args(["-m", "1", "-s", "1002", "-au", "1002", "-ap", "secret2"])
+        .args(["-key", "expires", "120"])
+        .arg(pbx.sip_addr().to_string())
+        .run();
+    assert_sipp_ok(&register, "REGISTER 1002 offered SHA-256 then MD5");
+    assert_sha256_credentials(&pbx, "Authorization", "1002");
+    assert_eq!(auth_failures(&pbx), 0, "{}", pbx.log());
 }
 
 #[test]
