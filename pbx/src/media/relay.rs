@@ -9,19 +9,42 @@
 //! SDP has been seen, so that packets sprayed at a ringing call's ports
 //! cannot claim its media before the phone does.
 //!
-//! Why one recvfrom and one sendto per packet (`benches/relay.rs`, 2-core
-//! shared VM): the kernel's UDP path is nearly all of the ~8 us a relayed
-//! packet costs, this code well under 5% of it. recvmmsg/sendmmsg batch per
-//! socket only, and a stream brings one packet per 20 ms, so at batch 1
-//! they measured no better than recvfrom+sendto. io_uring (recv and
-//! sendmsg for 256 sockets a batch) measured 5-15% cheaper, about the cost
-//! of the two system calls it saves, but needs a ring written by hand here
-//! and is refused by the default seccomp profiles of Docker and containerd
-//! (a pod's RuntimeDefault). Sockets are not connect()ed to the latched
-//! peer, though send() then measured 0.3-0.7 us cheaper than sendto():
-//! connecting pins the socket's local address to the route's source
-//! address, and a multi-homed node whose phones send to another of its
-//! addresses would lose their media.
+//! Why it is built this way (2-core shared VM, `benches/relay.rs` and
+//! `shared/bench/compare media`, 150 calls at 50 packets a second each
+//! way; figures are CPU per relayed packet and move by 10-20% from run to
+//! run with the neighbours' load):
+//!
+//! - Where the time goes (perf): sendto about 62% (a quarter of all of it
+//!   is the far socket's receive path, which loopback runs in the sender's
+//!   context, a tenth building the skb, 4% the route lookup), recvfrom 18%,
+//!   epoll_wait 11%, sleeping 2%, this code about 4% (mostly samples
+//!   landing on the return from a system call). The floor, recvfrom plus
+//!   sendto on one warm socket pair, measured 4.8-5.4 us; a system call
+//!   alone, 250 ns.
+//! - A busy thread wakes at most once per TICK (2 ms) and then serves
+//!   every ready socket: 8,300-9,200 ns per packet against 9,900-12,600 ns
+//!   with 0.5 ms pauses, mainly fewer epoll_wait and sleep rounds per
+//!   packet and far-end receivers that are already awake.
+//! - Sockets are IPv4-only when the advertised address is IPv4: through a
+//!   dual-stack socket IPv4 takes the udpv6 functions first. perf shows
+//!   those gone; the gain (a few percent) is inside the noise. An IPv6
+//!   address in a phone's SDP is then out of reach until the phone's
+//!   first packet (necessarily IPv4, to the advertised address) latches.
+//! - recvmmsg/sendmmsg batch per socket only, and a stream brings one
+//!   packet per 20 ms, so even per tick the batch is 1: they measured no
+//!   better than recvfrom+sendto (5.9 against 5.4 us at batch 1).
+//! - io_uring (recv and sendmsg for 256 sockets a batch) measured 5-15%
+//!   cheaper; from the perf split above, multishot receives could at best
+//!   drop the system calls and most of epoll (about 15%). Either way it
+//!   stays above half of rtpengine's cost, needs a ring written by hand,
+//!   and is refused by the default seccomp profiles of Docker and
+//!   containerd (a pod's RuntimeDefault), so it would need the plain path
+//!   as well.
+//! - Sockets are not connect()ed to the latched peer, though send() then
+//!   measured 0.3-0.7 us cheaper than sendto(): connecting pins the
+//!   socket's local address to the route's source address, and a
+//!   multi-homed node whose phones send to another of its addresses would
+//!   lose their media.
 
 use std::collections::HashMap;
 use std::io;
@@ -129,9 +152,11 @@ struct Worker {
 }
 
 impl Relay {
-    /// Starts `threads` relay threads (at least one).
+    /// Starts `threads` relay threads (at least one), whose sockets take
+    /// the family of `advertised`, the address phones are told to send to.
     pub fn start(
         threads: usize,
+        advertised: IpAddr,
         pool: Arc<PortPool>,
         rtp_timeout: Duration,
         events: UnboundedSender<MediaEvent>,
@@ -165,7 +190,10 @@ impl Relay {
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
             workers,
-            dual_stack: Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).is_ok(),
+            // An IPv4 node gets IPv4 sockets: IPv4 packets through a
+            // dual-stack socket take the longer udpv6 paths of the kernel.
+            dual_stack: advertised.is_ipv6()
+                && Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).is_ok(),
             packets,
         })
     }
@@ -361,7 +389,7 @@ impl Poll {
         Ok(Self {
             // SAFETY: fd was just created and is owned by nobody else.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
         })
     }
 
@@ -407,11 +435,14 @@ impl Poll {
 
 const WAKE_TOKEN: u64 = u64::MAX;
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
-/// Above this many packets per second a relay thread lets packets gather
-/// for COALESCE after each round, so one wake-up serves many of them
-/// instead of one each; 0.5 ms is far below any jitter buffer.
+/// Above this many packets a sweep (5,000 a second) a relay thread is busy:
+/// a round that relayed packets is followed by a sleep to the end of its
+/// TICK, so that one wake-up serves the packets of many streams instead of
+/// one each. That delays a packet by up to 2 ms, well inside any jitter
+/// buffer. A thread that finds nothing to read blocks in epoll, busy or
+/// not, so idle calls never spin.
 const BUSY_PACKETS_PER_SWEEP: u64 = 1000;
-const COALESCE: Duration = Duration::from_micros(500);
+const TICK: Duration = Duration::from_millis(2);
 /// Large enough for any UDP datagram, so nothing is cut short.
 const BUFFER: usize = 65536;
 
@@ -469,12 +500,13 @@ impl Thread {
         }
         let mut buffer = vec![0u8; BUFFER];
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
-        let mut ready = Vec::with_capacity(256);
+        let mut ready = Vec::with_capacity(1024);
         let mut since_sweep = 0;
         let mut busy = false;
         loop {
             ready.clear();
             ready.extend(self.poll.wait(SWEEP_EVERY));
+            let full = ready.len() == self.poll.events.len();
             let now = Instant::now();
             // Commands first, so that a packet arriving with the SDP that
             // tells where it goes is not dropped. A token of a socket that a
@@ -494,8 +526,12 @@ impl Thread {
                 self.packets.fetch_add(relayed, Ordering::Relaxed);
                 since_sweep += relayed;
             }
-            if busy && relayed > 0 {
-                std::thread::sleep(COALESCE);
+            // A full event buffer means more sockets are ready: read them
+            // at once rather than a tick later.
+            if busy && relayed > 0 && !full {
+                if let Some(rest) = (now + TICK).checked_duration_since(Instant::now()) {
+                    std::thread::sleep(rest);
+                }
             }
             if now >= next_sweep {
                 busy = since_sweep >= BUSY_PACKETS_PER_SWEEP;
