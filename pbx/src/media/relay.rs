@@ -25,6 +25,11 @@
 //!   every ready socket: 8,300-9,200 ns per packet against 9,900-12,600 ns
 //!   with 0.5 ms pauses, mainly fewer epoll_wait and sleep rounds per
 //!   packet and far-end receivers that are already awake.
+//! - A round reads every ready socket before it sends anything, so the
+//!   far ends get their packets in one quick burst: a receiver woken by
+//!   the first finds the rest waiting. perf: waking receivers fell from
+//!   7.3% to 5.4% of the thread's time; 9,560 against 9,930 ns per packet
+//!   (means of six runs each).
 //! - Sockets are IPv4-only when the advertised address is IPv4: through a
 //!   dual-stack socket IPv4 takes the udpv6 functions first. perf shows
 //!   those gone; the gain (a few percent) is inside the noise. An IPv6
@@ -445,6 +450,27 @@ const BUSY_PACKETS_PER_SWEEP: u64 = 1000;
 const TICK: Duration = Duration::from_millis(2);
 /// Large enough for any UDP datagram, so nothing is cut short.
 const BUFFER: usize = 65536;
+/// Room for the packets of one round, which are all read before any is
+/// sent: the far ends then get theirs in one quick burst, and a receiver
+/// woken by the first finds the rest waiting instead of being woken again.
+const BATCH_BYTES: usize = 8 * BUFFER;
+
+/// The packets of one round, back to back in `buffer`.
+struct Batch {
+    buffer: Vec<u8>,
+    used: usize,
+    packets: Vec<Outgoing>,
+}
+
+/// A packet read and checked, and where it goes.
+struct Outgoing {
+    slot: usize,
+    leg: usize,
+    kind: usize,
+    destination: SocketAddr,
+    start: usize,
+    len: usize,
+}
 
 /// One direction of one leg: RTP or RTCP.
 #[derive(Debug)]
@@ -498,7 +524,11 @@ impl Thread {
             tracing::error!(error = %e, "media relay thread cannot start");
             return;
         }
-        let mut buffer = vec![0u8; BUFFER];
+        let mut batch = Batch {
+            buffer: vec![0u8; BATCH_BYTES],
+            used: 0,
+            packets: Vec::with_capacity(1024),
+        };
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         let mut ready = Vec::with_capacity(1024);
         let mut since_sweep = 0;
@@ -520,8 +550,12 @@ impl Thread {
             }
             let mut relayed = 0;
             for &token in ready.iter().filter(|&&t| t != WAKE_TOKEN) {
-                relayed += self.relay(token, &mut buffer, now);
+                if batch.buffer.len() - batch.used < BUFFER {
+                    relayed += self.send(&mut batch);
+                }
+                self.receive(token, &mut batch, now);
             }
+            relayed += self.send(&mut batch);
             if relayed > 0 {
                 self.packets.fetch_add(relayed, Ordering::Relaxed);
                 since_sweep += relayed;
@@ -551,31 +585,31 @@ impl Thread {
         }
     }
 
-    /// Reads one datagram from the socket behind `token` and forwards it;
-    /// returns how many packets went out (0 or 1).
-    fn relay(&mut self, token: u64, buffer: &mut [u8], now: Instant) -> u64 {
+    /// Reads one datagram from the socket behind `token` into `batch`,
+    /// with where it goes, unless it is to be dropped.
+    fn receive(&mut self, token: u64, batch: &mut Batch, now: Instant) {
         let slot = usize::try_from(token >> 2).unwrap_or(usize::MAX);
         let leg = usize::from(token & 2 != 0);
         let kind = usize::from(token & 1 != 0);
         let Some(Some(entry)) = self.streams.get_mut(slot) else {
-            return 0;
+            return;
         };
         let [a, b] = &mut entry.channels;
         let (from, to) = if leg == 0 { (a, b) } else { (b, a) };
-        let [from_rtp, from_rtcp] = from;
-        let [to_rtp, to_rtcp] = to;
-        let (input, output) = if kind == 0 {
-            (from_rtp, &*to_rtp)
-        } else {
-            (from_rtcp, &*to_rtcp)
+        let (Some(input), Some(output)) = (from.get_mut(kind), to.get(kind)) else {
+            return;
         };
-        let Ok((len, source)) = input.socket.recv_from(buffer) else {
-            return 0;
+        let start = batch.used;
+        let Some(room) = batch.buffer.get_mut(start..start + BUFFER) else {
+            return;
+        };
+        let Ok((len, source)) = input.socket.recv_from(room) else {
+            return;
         };
         match input.latched {
             Some(latched) if latched != source => {
                 bump(&entry.counters.dropped, 1);
-                return 0;
+                return;
             }
             Some(_) => {}
             None if input.signalled => {
@@ -585,29 +619,58 @@ impl Thread {
             }
             None => {
                 bump(&entry.counters.dropped, 1);
-                return 0;
+                return;
             }
         }
         if kind == 0 {
             entry.last_rtp = now;
         }
-        let (Some(destination), Some(packet)) = (output.latched.or(output.sdp), buffer.get(..len))
-        else {
+        let Some(destination) = output.latched.or(output.sdp) else {
             bump(&entry.counters.dropped, 1);
-            return 0;
+            return;
         };
-        if output.socket.send_to(packet, destination).is_err() {
-            bump(&entry.counters.dropped, 1);
-            return 0;
+        batch.used += len;
+        batch.packets.push(Outgoing {
+            slot,
+            leg,
+            kind,
+            destination,
+            start,
+            len,
+        });
+    }
+
+    /// Sends the packets of `batch`; returns how many went out.
+    fn send(&self, batch: &mut Batch) -> u64 {
+        let mut sent = 0;
+        for packet in batch.packets.drain(..) {
+            let Some(Some(entry)) = self.streams.get(packet.slot) else {
+                continue;
+            };
+            let (Some(output), Some(data)) = (
+                entry
+                    .channels
+                    .get(1 - packet.leg)
+                    .and_then(|to| to.get(packet.kind)),
+                batch.buffer.get(packet.start..packet.start + packet.len),
+            ) else {
+                continue;
+            };
+            if output.socket.send_to(data, packet.destination).is_err() {
+                bump(&entry.counters.dropped, 1);
+                continue;
+            }
+            if let (Some(packets), Some(bytes)) = (
+                entry.counters.packets.get(packet.leg),
+                entry.counters.bytes.get(packet.leg),
+            ) {
+                bump(packets, 1);
+                bump(bytes, packet.len as u64);
+            }
+            sent += 1;
         }
-        if let (Some(packets), Some(bytes)) = (
-            entry.counters.packets.get(leg),
-            entry.counters.bytes.get(leg),
-        ) {
-            bump(packets, 1);
-            bump(bytes, len as u64);
-        }
-        1
+        batch.used = 0;
+        sent
     }
 
     /// Applies queued commands; false once the signalling side is gone.
