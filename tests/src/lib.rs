@@ -195,6 +195,15 @@ impl Pbx {
     }
 
     /// Waits for the PBX to exit by itself and returns how.
+    /// RTP and RTCP packets the media relay has forwarded (the metric).
+    pub fn relayed_packets(&self) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with("sip_pbx_media_packets_total"))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or_default()
+    }
+
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let mut status = None;
         wait_until(limit, "the PBX to exit", || {
@@ -557,6 +566,31 @@ impl SipClient {
         );
         text
     }
+}
+
+/// The sample rate of the test WAV files (telephony's 8 kHz).
+pub const WAV_RATE: u32 = 8000;
+
+/// A mono WAV file at [`WAV_RATE`]: `format` 1 (PCM, 16 bits) or 7 (G.711
+/// mu-law, 8 bits) around `data`.
+pub fn wav(format: u16, bits: u16, data: &[u8]) -> Vec<u8> {
+    let rate = WAV_RATE;
+    let block = bits / 8;
+    let mut wav = Vec::with_capacity(44 + data.len());
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&format.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&rate.to_le_bytes());
+    wav.extend_from_slice(&(rate * u32::from(block)).to_le_bytes());
+    wav.extend_from_slice(&block.to_le_bytes());
+    wav.extend_from_slice(&bits.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    wav.extend_from_slice(data);
+    wav
 }
 
 /// An INVITE for `user` at the PBX `pbx` from the raw user agent `from`,

@@ -17,7 +17,7 @@ use crate::{free_port, wait_until};
 pub const LIMIT: Duration = Duration::from_secs(20);
 
 /// Sample rate of the phones' audio files (that of G.711).
-pub const RATE: u32 = 8000;
+pub const RATE: u32 = crate::WAV_RATE;
 
 /// Where the phones take their RTP ports: below the ephemeral ports that
 /// [`free_port`] hands out and apart from the PBX port pools of the tests.
@@ -303,21 +303,7 @@ pub fn tone_wav(hz: f64, seconds: f64) -> Vec<u8> {
             v.to_le_bytes()
         })
         .collect();
-    let mut wav = Vec::new();
-    wav.extend_from_slice(b"RIFF");
-    wav.extend_from_slice(&(36 + samples.len() as u32).to_le_bytes());
-    wav.extend_from_slice(b"WAVEfmt ");
-    wav.extend_from_slice(&16u32.to_le_bytes());
-    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    wav.extend_from_slice(&1u16.to_le_bytes()); // mono
-    wav.extend_from_slice(&RATE.to_le_bytes());
-    wav.extend_from_slice(&(RATE * 2).to_le_bytes());
-    wav.extend_from_slice(&2u16.to_le_bytes());
-    wav.extend_from_slice(&16u16.to_le_bytes());
-    wav.extend_from_slice(b"data");
-    wav.extend_from_slice(&(samples.len() as u32).to_le_bytes());
-    wav.extend_from_slice(&samples);
-    wav
+    crate::wav(1, 16, &samples)
 }
 
 /// The samples of a 16-bit mono PCM WAV; a data chunk whose size was never

@@ -306,32 +306,7 @@ fn tone_wav() -> Vec<u8> {
     let samples: Vec<u8> = (0..16_000u32)
         .map(|i| if i % 16 < 8 { 0x10 } else { 0x90 })
         .collect();
-    let mut wav = Vec::new();
-    wav.extend_from_slice(b"RIFF");
-    wav.extend_from_slice(&(36 + samples.len() as u32).to_le_bytes());
-    wav.extend_from_slice(b"WAVEfmt ");
-    wav.extend_from_slice(&16u32.to_le_bytes());
-    for v in [7u16, 1] {
-        wav.extend_from_slice(&v.to_le_bytes());
-    }
-    for v in [8000u32, 8000] {
-        wav.extend_from_slice(&v.to_le_bytes());
-    }
-    for v in [1u16, 8] {
-        wav.extend_from_slice(&v.to_le_bytes());
-    }
-    wav.extend_from_slice(b"data");
-    wav.extend_from_slice(&(samples.len() as u32).to_le_bytes());
-    wav.extend_from_slice(&samples);
-    wav
-}
-
-fn relayed_packets(pbx: &Pbx) -> f64 {
-    pbx.metrics()
-        .lines()
-        .find(|l| l.starts_with("sip_pbx_media_packets_total"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or_default()
+    sip_pbx_e2e::wav(7, 8, &samples)
 }
 
 #[test]
@@ -358,6 +333,6 @@ fn sipp_rtp_stream_is_echoed_back_through_the_relay() {
     sip_pbx_e2e::assert_sipp_ok(&uas.finish(LIMIT), "callee echoing RTP");
     // 2 s at 50 packets/s out, echoed back: both directions cross the relay.
     wait_until(LIMIT, "relayed packets counted", || {
-        relayed_packets(&pbx) >= 150.0
+        pbx.relayed_packets() >= 150.0
     });
 }

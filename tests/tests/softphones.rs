@@ -145,19 +145,11 @@ fn audio_crosses_the_relay(codec: &str, pool: &str) {
     // About 100 RTP packets each way in 2 s: more than one direction holds
     // (the metric is brought up to date every second).
     wait_until(LIMIT, "the relayed packets to be counted", || {
-        relayed_packets(&pbx) >= 150.0
+        pbx.relayed_packets() >= 150.0
     });
     wait_until(LIMIT, "relay ports back in the pool", || {
         stats(&pbx)["ports_in_use"] == 0
     });
-}
-
-fn relayed_packets(pbx: &Pbx) -> f64 {
-    pbx.metrics()
-        .lines()
-        .find(|l| l.starts_with("sip_pbx_media_packets_total"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or_default()
 }
 
 /// `hz` carries most of the energy of `samples`; `other` (the listener's
