@@ -695,14 +695,7 @@ impl B2bua {
             return;
         }
         let code = response.code().unwrap_or(180);
-        let mut relayed = to_caller(call, response);
-        if let Some(sdp) = response.sdp().cloned() {
-            let role = call.response_sdp_role(LegSide::B, call.a_invite.sdp().is_some());
-            match self.media.relay_sdp(call.media, LegSide::B, role, sdp) {
-                Ok(body) => relayed.set_body(Some("application/sdp"), body),
-                Err(e) => tracing::warn!(call = key, error = %e, "SDP from the callee not relayed"),
-            }
-        }
+        let relayed = callee_response_to_caller(self.media.as_mut(), call, response);
         txl.respond(call.a_invite_tx, &relayed, now);
         if !call.ringing_sent {
             call.ringing_sent = true;
@@ -725,14 +718,7 @@ impl B2bua {
             return;
         };
         let had_offer = call.a_invite.sdp().is_some();
-        let mut relayed = to_caller(call, response);
-        if let Some(sdp) = response.sdp().cloned() {
-            let role = call.response_sdp_role(LegSide::B, had_offer);
-            match self.media.relay_sdp(call.media, LegSide::B, role, sdp) {
-                Ok(body) => relayed.set_body(Some("application/sdp"), body),
-                Err(e) => tracing::warn!(call = key, error = %e, "SDP from the callee not relayed"),
-            }
-        }
+        let relayed = callee_response_to_caller(self.media.as_mut(), call, response);
         call.state = CallState::Answered;
         call.answered = Some(Utc::now());
         call.awaited_ack = Some(AwaitedAck {
@@ -1303,6 +1289,26 @@ fn to_caller(call: &Call, response: &Message) -> Message {
     } else if code < 400 {
         for contact in response.headers.get_all("Contact") {
             relayed.headers.push("Contact", contact);
+        }
+    }
+    relayed
+}
+
+/// A provisional or 2xx response of the B leg's INVITE for the caller,
+/// its SDP (the answer to the caller's offer, or an offer) through the media.
+fn callee_response_to_caller(
+    media: &mut dyn SessionMedia,
+    call: &mut Call,
+    response: &Message,
+) -> Message {
+    let mut relayed = to_caller(call, response);
+    if let Some(sdp) = response.sdp().cloned() {
+        let role = call.response_sdp_role(LegSide::B, call.a_invite.sdp().is_some());
+        match media.relay_sdp(call.media, LegSide::B, role, sdp) {
+            Ok(body) => relayed.set_body(Some("application/sdp"), body),
+            Err(e) => {
+                tracing::warn!(call = call.key, error = %e, "SDP from the callee not relayed")
+            }
         }
     }
     relayed
