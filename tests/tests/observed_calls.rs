@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use sip_pbx_e2e::phone::Phone;
 use sip_pbx_e2e::{
-    assert_sipp_ok, cdr_records_in, free_port, header, wait_until, Pbx, SipClient, Sipp,
+    assert_sipp_ok, cdr_records_in, free_port, header, invite, wait_until, Pbx, SipClient, Sipp,
 };
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -306,12 +306,10 @@ fn responses_200(pbx: &Pbx) -> usize {
 
 fn invite_is_refused_503(pbx: &Pbx) {
     let client = SipClient::new();
-    let me = client.addr();
-    let to = pbx.sip_addr();
-    let invite = format!(
-        "INVITE sip:1003@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKdrain1;rport\r\nMax-Forwards: 70\r\nFrom: <sip:1001@{me}>;tag=d1\r\nTo: <sip:1003@{to}>\r\nCall-ID: during-drain\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@{me}>\r\nContent-Length: 0\r\n\r\n"
+    client.send(
+        &invite(pbx.sip_addr(), "1003", client.addr(), "during-drain", None),
+        pbx.sip_addr(),
     );
-    client.send(invite.as_bytes(), to);
     let (code, text) = client
         .final_response(Duration::from_secs(5))
         .expect("answer");

@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use sip_pbx_e2e::{free_port, header, pbx_binary, response_to, root, wait_until, Pbx, SipClient};
+use sip_pbx_e2e::{
+    free_port, header, invite, pbx_binary, response_to, root, wait_until, Pbx, SipClient,
+};
 
 #[test]
 fn check_config_names_every_bad_key_and_exits_2() {
@@ -101,12 +103,8 @@ fn a_call_routed_back_to_the_pbx_itself_gets_482() {
         "routes:\n  - match: \"^loop$\"\n    target: \"sip:loop@127.0.0.1:SIP_PORT\"\n",
     );
     let caller = SipClient::new();
-    let me = caller.addr();
     let to = pbx.sip_addr();
-    let invite = format!(
-        "INVITE sip:loop@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKloop1;rport\r\nMax-Forwards: 70\r\nFrom: <sip:1001@{me}>;tag=l1\r\nTo: <sip:loop@{to}>\r\nCall-ID: loop-1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
-    );
-    caller.send(invite.as_bytes(), to);
+    caller.send(&invite(to, "loop", caller.addr(), "loop-1", None), to);
     let (code, text) = caller
         .final_response(Duration::from_secs(10))
         .expect("final");
@@ -124,12 +122,8 @@ fn a_2xx_never_acknowledged_ends_the_call_on_both_legs() {
         "sip:\n  listen_ip: 127.0.0.1\n  listen_port: SIP_PORT\n  advertised_ip: 127.0.0.1\n  timer_t1_ms: 50\n",
     );
     let caller = SipClient::new();
-    let me = caller.addr();
     let to = pbx.sip_addr();
-    let invite = format!(
-        "INVITE sip:1002@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKnoack1;rport\r\nMax-Forwards: 70\r\nFrom: <sip:1001@{me}>;tag=n1\r\nTo: <sip:1002@{to}>\r\nCall-ID: no-ack-1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
-    );
-    caller.send(invite.as_bytes(), to);
+    caller.send(&invite(to, "1002", caller.addr(), "no-ack-1", None), to);
     let invite_b = callee.expect_request("INVITE");
     callee.send(&response_to(&invite_b, "200 OK", callee.addr(), None), to);
     let (code, _) = caller.final_response(Duration::from_secs(5)).expect("200");
