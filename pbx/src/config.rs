@@ -177,6 +177,20 @@ pub enum MediaMode {
     Direct,
 }
 
+/// How the relay threads wait for packets (`media.relay_io`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayIo {
+    /// io_uring where the kernel and the container's seccomp profile allow
+    /// it, epoll otherwise.
+    #[default]
+    Auto,
+    /// io_uring or refuse to start.
+    IoUring,
+    /// epoll with a system call per packet each way.
+    Epoll,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PortRange {
@@ -191,6 +205,7 @@ pub struct MediaConfig {
     pub port_pool: PortRange,
     pub rtp_timeout: u64,
     pub codecs: Vec<String>,
+    pub relay_io: RelayIo,
 }
 
 /// Codec names `media.codecs` may list.
@@ -206,6 +221,7 @@ impl Default for MediaConfig {
             },
             rtp_timeout: 60,
             codecs: KNOWN_CODECS.iter().map(|c| c.to_string()).collect(),
+            relay_io: RelayIo::Auto,
         }
     }
 }

@@ -74,6 +74,39 @@ impl Pbx {
     /// `SIP_PORT` in them stands for the port the PBX listens on, `PBX_DIR`
     /// for its temporary directory (where `log()` and `traffic()` read).
     pub fn start(uas_port: u16, extra: &str) -> Pbx {
+        Self::start_with(uas_port, extra, |_| {})
+    }
+
+    /// As `start`, with the command adjusted by `adjust` before it runs.
+    pub fn start_with(uas_port: u16, extra: &str, adjust: impl FnOnce(&mut Command)) -> Pbx {
+        let mut pbx = Self::spawn(uas_port, extra, adjust);
+        let probe = SipClient::new();
+        wait_until(Duration::from_secs(20), "the PBX to answer OPTIONS", || {
+            if let Ok(Some(status)) = pbx.child.try_wait() {
+                panic!("sip-pbx exited at start with {status}:\n{}", pbx.log());
+            }
+            probe.send(
+                &options(pbx.sip_addr(), probe.addr(), "probe"),
+                pbx.sip_addr(),
+            );
+            probe.recv(Duration::from_millis(200)).is_some()
+        });
+        pbx
+    }
+
+    /// Runs the PBX as `start_with` would and expects it to refuse to
+    /// start: returns how it exited and its log.
+    pub fn refused(
+        uas_port: u16,
+        extra: &str,
+        adjust: impl FnOnce(&mut Command),
+    ) -> (ExitStatus, String) {
+        let mut pbx = Self::spawn(uas_port, extra, adjust);
+        let status = pbx.wait_exit(Duration::from_secs(20));
+        (status, pbx.log())
+    }
+
+    fn spawn(uas_port: u16, extra: &str, adjust: impl FnOnce(&mut Command)) -> Pbx {
         let sip_port = free_port();
         let http_port = free_port();
         let metrics_port = free_port();
@@ -108,32 +141,21 @@ impl Pbx {
         let yaml: String = sections.into_iter().map(|(_, s)| s).collect();
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, yaml).expect("write config");
-        let child = Command::new(pbx_binary())
+        let mut command = Command::new(pbx_binary());
+        command
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log"))
-            .spawn()
-            .expect("sip-pbx starts");
-        let mut pbx = Pbx {
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log"));
+        adjust(&mut command);
+        let child = command.spawn().expect("sip-pbx starts");
+        Pbx {
             child,
             sip_port,
             http_port,
             metrics_port,
             dir,
-        };
-        let probe = SipClient::new();
-        wait_until(Duration::from_secs(20), "the PBX to answer OPTIONS", || {
-            if let Ok(Some(status)) = pbx.child.try_wait() {
-                panic!("sip-pbx exited at start with {status}:\n{}", pbx.log());
-            }
-            probe.send(
-                &options(pbx.sip_addr(), probe.addr(), "probe"),
-                pbx.sip_addr(),
-            );
-            probe.recv(Duration::from_millis(200)).is_some()
-        });
-        pbx
+        }
     }
 
     pub fn sip_addr(&self) -> SocketAddr {
@@ -727,3 +749,70 @@ fn rand_suffix() -> u128 {
 }
 pub mod phone;
 pub mod softphone;
+
+/// Makes `command`'s process refuse `io_uring_setup` with EPERM, as the
+/// default seccomp profiles of Docker and containerd (a pod's
+/// `RuntimeDefault`) do.
+pub fn without_io_uring(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    const IO_URING_SETUP: u32 = 425;
+    let statement = |code: u32, jf: u8, k: u32| libc::sock_filter {
+        code: u16::try_from(code).expect("BPF code"),
+        jt: 0,
+        jf,
+        k,
+    };
+    let filter = [
+        // The system call number, offset 0 of seccomp_data.
+        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0),
+        statement(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            1,
+            IO_URING_SETUP,
+        ),
+        statement(
+            libc::BPF_RET | libc::BPF_K,
+            0,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+        statement(libc::BPF_RET | libc::BPF_K, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes two prctl calls on memory it owns.
+    unsafe {
+        command.pre_exec(move || {
+            let program = libc::sock_fprog {
+                len: 4,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether this machine gives a process an io_uring of the kind the relay
+/// asks for (single issuer, deferred task work: Linux 6.1).
+pub fn io_uring_available() -> bool {
+    const SINGLE_ISSUER: u32 = 1 << 12;
+    const DEFER_TASKRUN: u32 = 1 << 13;
+    // struct io_uring_params is 120 bytes; `flags` is its third word.
+    let mut params = [0u32; 30];
+    params[2] = SINGLE_ISSUER | DEFER_TASKRUN;
+    // SAFETY: the kernel writes at most the 120 bytes of `params`.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 8u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` is the ring just created, owned here.
+    unsafe { libc::close(i32::try_from(fd).unwrap_or(-1)) };
+    true
+}

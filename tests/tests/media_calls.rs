@@ -5,7 +5,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use sip_pbx_e2e::{
-    audio_sdp, invite, response_to, sdp_audio_target, status_code, wait_until, Pbx, SipClient,
+    audio_sdp, invite, io_uring_available, response_to, sdp_audio_target, status_code, wait_until,
+    without_io_uring, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -142,11 +143,65 @@ fn hang_up(call: &Call<'_>) {
     assert_eq!(code, 200);
 }
 
+/// Which way the relay threads wait for packets, from the PBX's log.
+fn relay_backend(pbx: &Pbx) -> String {
+    let log = pbx.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("media relay started"))
+        .unwrap_or_else(|| panic!("no relay start in the log:\n{log}"));
+    line.split("backend=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|b| b.trim_matches('"').to_string())
+        .unwrap_or_else(|| panic!("no backend in {line}"))
+}
+
 #[test]
 fn rtp_and_rtcp_cross_the_relay_both_ways_and_strangers_are_dropped() {
     let callee = SipClient::new();
     let pbx = Pbx::start(callee.addr().port(), &bypass(""));
-    let call = establish(&pbx, &callee, "0 8 101", "relay-1").expect("answered");
+    let expected = if io_uring_available() {
+        "io_uring"
+    } else {
+        "epoll"
+    };
+    assert_eq!(relay_backend(&pbx), expected, "media.relay_io: auto");
+    relay_carries_rtp_and_rtcp_but_not_strangers(&pbx, &callee);
+}
+
+#[test]
+fn the_epoll_relay_carries_rtp_and_rtcp_and_drops_strangers() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass("  relay_io: epoll\n"));
+    assert_eq!(relay_backend(&pbx), "epoll");
+    relay_carries_rtp_and_rtcp_but_not_strangers(&pbx, &callee);
+}
+
+/// Under the seccomp profile of a pod's RuntimeDefault, io_uring is
+/// refused: `auto` relays through epoll, and `io_uring` will not start.
+#[test]
+fn where_seccomp_refuses_io_uring_the_relay_uses_epoll() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start_with(callee.addr().port(), &bypass(""), without_io_uring);
+    assert_eq!(relay_backend(&pbx), "epoll");
+    assert!(pbx.log().contains("io_uring unavailable"), "{}", pbx.log());
+    relay_carries_rtp_and_rtcp_but_not_strangers(&pbx, &callee);
+
+    let (status, log) = Pbx::refused(
+        callee.addr().port(),
+        &bypass("  relay_io: io_uring\n"),
+        without_io_uring,
+    );
+    assert!(!status.success(), "{status}: {log}");
+    assert!(
+        log.contains("media.relay_io is io_uring, but io_uring cannot start"),
+        "{log}"
+    );
+}
+
+fn relay_carries_rtp_and_rtcp_but_not_strangers(pbx: &Pbx, callee: &SipClient) {
+    let call = establish(pbx, callee, "0 8 101", "relay-1").expect("answered");
     assert_ne!(call.to_pbx_from_a.port(), 0);
     assert_eq!(call.to_pbx_from_a.ip().to_string(), "127.0.0.1");
     assert!(call.invite_at_b.contains("c=IN IP4 127.0.0.1"));
@@ -196,9 +251,27 @@ fn rtp_and_rtcp_cross_the_relay_both_ways_and_strangers_are_dropped() {
 
 #[test]
 fn hold_by_reinvite_keeps_direction_and_follows_the_new_port() {
+    hold_and_move(&bypass(""));
+}
+
+#[test]
+fn the_epoll_relay_follows_a_hold_to_a_new_port() {
+    hold_and_move(&bypass("  relay_io: epoll\n"));
+}
+
+/// The caller holds the call from a new port: the relay forgets the
+/// address it latched onto and sends to the new one.
+fn hold_and_move(config: &str) {
     let callee = SipClient::new();
-    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let pbx = Pbx::start(callee.addr().port(), config);
     let call = establish(&pbx, &callee, "0 101", "hold-1").expect("answered");
+    // Latched (and connected) to the caller's first port before it moves.
+    call.a
+        .0
+        .send_to(&rtp(1, 0xA0), call.to_pbx_from_a)
+        .expect("send");
+    let (got, _) = receive(&call.b.0).expect("RTP at the callee");
+    assert_eq!(got, rtp(1, 0xA0));
     let (moved, _) = media_pair();
     let moved_port = moved.local_addr().expect("addr").port();
     let hold = audio_sdp(moved_port, "0 101").replace("a=sendrecv", "a=sendonly");

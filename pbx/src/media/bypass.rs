@@ -129,7 +129,14 @@ impl RelayMedia {
     ) -> io::Result<Self> {
         let pool = Arc::new(PortPool::new(config.port_pool, status));
         let timeout = Duration::from_secs(config.rtp_timeout);
-        let relay = Relay::start(threads, advertised, pool.clone(), timeout, events)?;
+        let relay = Relay::start(
+            threads,
+            config.relay_io,
+            advertised,
+            pool.clone(),
+            timeout,
+            events,
+        )?;
         let stats = MediaStats {
             packets: relay.packets(),
             sessions: Arc::default(),
