@@ -5,6 +5,7 @@
 //! counted) and the loss.
 //!
 //! `cargo bench -p sip-pbx --bench relay -- --calls 100,400,800 --seconds 5 --threads 1`
+//! (`--relay-io epoll` for the fallback path; `auto` by default).
 //!
 //! `--syscalls` instead compares, on one socket pair, the per-packet cost
 //! of recvfrom+sendto with recvmmsg+sendmmsg at batch sizes 1 and 16.
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use sip_pbx::config::{MediaConfig, PortRange};
+use sip_pbx::config::{MediaConfig, PortRange, RelayIo};
 use sip_pbx::media::{LegSide, RelayMedia, SdpRole, SessionMedia};
 use sip_pbx::status::PbxStatus;
 
@@ -35,6 +36,7 @@ struct Options {
     calls: Vec<usize>,
     seconds: u64,
     threads: usize,
+    relay_io: RelayIo,
     syscalls: bool,
 }
 
@@ -43,6 +45,7 @@ fn options() -> Options {
         calls: vec![100, 400, 800],
         seconds: 5,
         threads: 1,
+        relay_io: RelayIo::Auto,
         syscalls: false,
     };
     let args: Vec<String> = std::env::args().collect();
@@ -53,6 +56,13 @@ fn options() -> Options {
             }
             "--seconds" => options.seconds = pair[1].parse().unwrap_or(options.seconds),
             "--threads" => options.threads = pair[1].parse().unwrap_or(options.threads),
+            "--relay-io" => {
+                options.relay_io = match pair[1].as_str() {
+                    "epoll" => RelayIo::Epoll,
+                    "io_uring" => RelayIo::IoUring,
+                    _ => RelayIo::Auto,
+                }
+            }
             _ => {}
         }
     }
@@ -222,8 +232,9 @@ struct Result {
     elapsed: Duration,
 }
 
-fn run(calls: usize, seconds: u64, threads: usize) -> Result {
+fn run(calls: usize, seconds: u64, threads: usize, relay_io: RelayIo) -> Result {
     let config = MediaConfig {
+        relay_io,
         // Clear of the ranges the tests in tests/media_relay.rs use.
         port_pool: PortRange {
             start: 12000,
@@ -307,7 +318,7 @@ fn load(options: &Options) {
         options.threads, options.seconds
     );
     for &calls in &options.calls {
-        let r = run(calls, options.seconds, options.threads);
+        let r = run(calls, options.seconds, options.threads, options.relay_io);
         let pps = r.relayed as f64 / r.elapsed.as_secs_f64();
         let ns = r.cpu.as_nanos() as f64 / r.relayed.max(1) as f64;
         let core = 100.0 * r.cpu.as_secs_f64() / r.elapsed.as_secs_f64();
