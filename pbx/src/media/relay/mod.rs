@@ -1,55 +1,54 @@
 //! The packet relay: std threads named `media-relay-N`, each owning the
-//! sockets of the calls it was given and waiting on them with epoll, so that
-//! media load never competes with signalling for the tokio runtime. The
-//! signalling side talks to a thread only through a command queue and an
-//! eventfd; the hot path takes no lock. Each stream is symmetric RTP: a leg
-//! latches onto the address its first packet came from (phones behind NAT
-//! send from elsewhere than their SDP says), and once latched, packets from
-//! any other source are dropped, not forwarded. A leg latches only once its
-//! SDP has been seen, so that packets sprayed at a ringing call's ports
-//! cannot claim its media before the phone does.
+//! sockets of the calls it was given, so that media load never competes
+//! with signalling for the tokio runtime. The signalling side talks to a
+//! thread only through a command queue and an eventfd; the hot path takes
+//! no lock. Each stream is symmetric RTP: a leg latches onto the address
+//! its first packet came from (phones behind NAT send from elsewhere than
+//! their SDP says), and once latched, packets from any other source are
+//! dropped, not forwarded. A leg latches only once its SDP has been seen,
+//! so that packets sprayed at a ringing call's ports cannot claim its media
+//! before the phone does. This module owns what every thread does whatever
+//! way it waits for packets: io_uring (`uring.rs`) where the kernel and
+//! seccomp allow it, epoll (`epoll.rs`) otherwise (`media.relay_io`).
 //!
 //! Why it is built this way (2-core shared VM, `benches/relay.rs` and
 //! `shared/bench/compare media`, 150 calls at 50 packets a second each
 //! way; figures are CPU per relayed packet and move by 10-20% from run to
 //! run with the neighbours' load):
 //!
-//! - Where the time goes (perf): sendto about 62% (a quarter of all of it
-//!   is the far socket's receive path, which loopback runs in the sender's
-//!   context, a tenth building the skb, 4% the route lookup), recvfrom 18%,
-//!   epoll_wait 11%, sleeping 2%, this code about 4% (mostly samples
-//!   landing on the return from a system call). The floor, recvfrom plus
-//!   sendto on one warm socket pair, measured 4.8-5.4 us; a system call
-//!   alone, 250 ns.
+//! - Where the time goes (perf, io_uring): the UDP send about 53% (of all
+//!   time: 23% the far socket's receive path, which loopback runs in the
+//!   sender's context, 13% building the skb, 7% the loopback device), the
+//!   UDP receive 23%, waiting and sleeping 6%, io_uring's own work and
+//!   this code the rest. The floor, recvfrom plus sendto on one warm
+//!   socket pair, measured 4.8-5.4 us.
+//! - io_uring against epoll, same build: 7,400-7,800 against 8,400-9,500
+//!   ns per packet at 150 calls, 7,400-7,800 against 8,600-8,800 at 800
+//!   to 1,200 calls; one io_uring thread carried 1,600 calls (137,000
+//!   packets a second, the load generator's limit) without loss where
+//!   epoll saturated at 1,200. Multishot receives take the place of
+//!   epoll_wait and recvfrom, sends from the receive buffers need no copy,
+//!   fixed files skip a descriptor lookup per send, and MSG_DONTWAIT sends
+//!   with CQE_SKIP_SUCCESS post no completion.
+//! - Connecting a latched socket to its phone makes each send skip the
+//!   route lookup (0.3-0.7 us by send() against sendto()) and lets the
+//!   kernel drop strangers. It needs sockets bound to the advertised
+//!   address: connect() pins a wildcard socket's local address to the
+//!   route's source, and a multi-homed node whose phones send to another
+//!   of its addresses would lose their media.
 //! - A busy thread wakes at most once per TICK (2 ms) and then serves
 //!   every ready socket: 8,300-9,200 ns per packet against 9,900-12,600 ns
-//!   with 0.5 ms pauses, mainly fewer epoll_wait and sleep rounds per
-//!   packet and far-end receivers that are already awake.
+//!   with 0.5 ms pauses (epoll), mainly fewer wake-ups per packet and
+//!   far-end receivers that are already awake.
 //! - A round reads every ready socket before it sends anything, so the
 //!   far ends get their packets in one quick burst: a receiver woken by
 //!   the first finds the rest waiting. perf: waking receivers fell from
-//!   7.3% to 5.4% of the thread's time; 9,560 against 9,930 ns per packet
-//!   (means of six runs each).
-//! - Sockets are IPv4-only when the advertised address is IPv4: through a
-//!   dual-stack socket IPv4 takes the udpv6 functions first. perf shows
-//!   those gone; the gain (a few percent) is inside the noise. An IPv6
-//!   address in a phone's SDP is then out of reach until the phone's
-//!   first packet (necessarily IPv4, to the advertised address) latches.
+//!   7.3% to 5.4% of the thread's time (epoll).
+//! - Wildcard sockets are IPv4-only when the advertised address is IPv4:
+//!   through a dual-stack socket IPv4 takes the udpv6 functions first.
 //! - recvmmsg/sendmmsg batch per socket only, and a stream brings one
 //!   packet per 20 ms, so even per tick the batch is 1: they measured no
 //!   better than recvfrom+sendto (5.9 against 5.4 us at batch 1).
-//! - io_uring (recv and sendmsg for 256 sockets a batch) measured 5-15%
-//!   cheaper; from the perf split above, multishot receives could at best
-//!   drop the system calls and most of epoll (about 15%). Either way it
-//!   stays above half of rtpengine's cost, needs a ring written by hand,
-//!   and is refused by the default seccomp profiles of Docker and
-//!   containerd (a pod's RuntimeDefault), so it would need the plain path
-//!   as well.
-//! - Sockets are not connect()ed to the latched peer, though send() then
-//!   measured 0.3-0.7 us cheaper than sendto(): connecting pins the
-//!   socket's local address to the route's source address, and a
-//!   multi-homed node whose phones send to another of its addresses would
-//!   lose their media.
 
 mod epoll;
 mod uring;
