@@ -167,7 +167,7 @@ enum Sockets {
 
 impl Sockets {
     fn for_advertised(advertised: IpAddr) -> Self {
-        if UdpSocket::bind(SocketAddr::new(advertised, 0)).is_ok() {
+        if !advertised.is_unspecified() && UdpSocket::bind(SocketAddr::new(advertised, 0)).is_ok() {
             Self::Bound(advertised)
         } else if advertised.is_ipv6()
             && Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).is_ok()
@@ -231,15 +231,22 @@ impl Relay {
             let (commands, queue) = mpsc::channel();
             let wake = Arc::new(eventfd()?);
             let (started, outcome) = mpsc::sync_channel(1);
-            let thread = Thread::new(
-                matches!(sockets, Sockets::Bound(_)),
+            let thread = Thread {
+                connect: matches!(sockets, Sockets::Bound(_)),
                 queue,
-                wake.clone(),
-                pool.clone(),
-                events.clone(),
+                wake: wake.clone(),
+                pool: pool.clone(),
+                events: events.clone(),
                 rtp_timeout,
-                packets.clone(),
-            );
+                packets: packets.clone(),
+                streams: Vec::new(),
+                free_slots: Vec::new(),
+                sessions: HashMap::new(),
+                generation: 0,
+                since_sweep: 0,
+                busy: false,
+                next_sweep: Instant::now() + SWEEP_EVERY,
+            };
             let handle = std::thread::Builder::new()
                 .name(format!("media-relay-{n}"))
                 .spawn(move || run(thread, io, started))?;
@@ -600,33 +607,6 @@ struct Thread {
 }
 
 impl Thread {
-    fn new(
-        connect: bool,
-        queue: mpsc::Receiver<Command>,
-        wake: Arc<OwnedFd>,
-        pool: Arc<PortPool>,
-        events: UnboundedSender<MediaEvent>,
-        rtp_timeout: Duration,
-        packets: Arc<AtomicU64>,
-    ) -> Self {
-        Self {
-            connect,
-            queue,
-            wake,
-            pool,
-            events,
-            rtp_timeout,
-            packets,
-            streams: Vec::new(),
-            free_slots: Vec::new(),
-            sessions: HashMap::new(),
-            generation: 0,
-            since_sweep: 0,
-            busy: false,
-            next_sweep: Instant::now() + SWEEP_EVERY,
-        }
-    }
-
     /// The live stream a token names, if it still exists.
     fn stream(&self, token: Token) -> Option<&StreamEntry> {
         self.streams
