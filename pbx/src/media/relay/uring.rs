@@ -616,8 +616,8 @@ pub(super) fn run(mut thread: Thread, mut ring: Ring) {
             break;
         }
         // The kernel runs a limited number of receives per entry, and the
-        // sends of one pass complete in the next: enter until a pass
-        // brings nothing.
+        // sends a pass queues go out with the next entry: enter until a
+        // pass brings nothing.
         let (mut sent, mut passes) = (0, 0);
         received = 0;
         loop {
