@@ -606,7 +606,14 @@ pub(super) fn run(mut thread: Thread, mut ring: Ring) {
                 ring.submit();
                 std::thread::sleep(rest);
             }
-            None => ring.enter(1, SWEEP_EVERY),
+            None => {
+                ring.enter(1, SWEEP_EVERY);
+                // A busy thread woken by the first packets of a burst lets
+                // the rest arrive, and serves them all in one round.
+                if thread.busy {
+                    std::thread::sleep(super::TICK);
+                }
+            }
         }
         let now = Instant::now();
         start = now;
