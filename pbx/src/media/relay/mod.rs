@@ -607,12 +607,25 @@ struct Thread {
 }
 
 impl Thread {
-    /// The live stream a token names, if it still exists.
-    fn stream(&self, token: Token) -> Option<&StreamEntry> {
+    /// The stream a token names, live or closing, while that incarnation
+    /// of the slot exists.
+    fn named(&self, token: Token) -> Option<&StreamEntry> {
         self.streams
             .get(token.slot)?
             .as_ref()
-            .filter(|s| s.generation == token.generation && !s.closing)
+            .filter(|s| s.generation == token.generation)
+    }
+
+    fn named_mut(&mut self, token: Token) -> Option<&mut StreamEntry> {
+        self.streams
+            .get_mut(token.slot)?
+            .as_mut()
+            .filter(|s| s.generation == token.generation)
+    }
+
+    /// The live stream a token names, if it still exists.
+    fn stream(&self, token: Token) -> Option<&StreamEntry> {
+        self.named(token).filter(|s| !s.closing)
     }
 
     /// The socket a token names, while its stream lives.
@@ -638,10 +651,7 @@ impl Thread {
 
     /// How the backend holds `token`'s socket, live or closing.
     fn hold(&self, token: Token) -> Hold {
-        self.streams
-            .get(token.slot)
-            .and_then(Option::as_ref)
-            .filter(|s| s.generation == token.generation)
+        self.named(token)
             .and_then(|s| s.channels.get(token.leg)?.get(token.kind))
             .map(|c| c.hold)
             .unwrap_or_default()
@@ -652,11 +662,7 @@ impl Thread {
     /// leg may latch, or has nowhere to go.
     fn route(&mut self, token: Token, source: SocketAddr, now: Instant) -> Option<Route> {
         let connect = self.connect;
-        let entry = self
-            .streams
-            .get_mut(token.slot)?
-            .as_mut()
-            .filter(|s| s.generation == token.generation && !s.closing)?;
+        let entry = self.named_mut(token).filter(|s| !s.closing)?;
         let [a, b] = &mut entry.channels;
         let (from, to) = if token.leg == 0 { (a, b) } else { (b, a) };
         let (input, output) = (from.get_mut(token.kind)?, to.get(token.kind)?);
@@ -892,12 +898,7 @@ impl Thread {
     /// sockets are all let go gives its ports back; a live one has lost a
     /// socket's packets, which is reported.
     fn let_go(&mut self, token: Token) {
-        let Some(entry) = self
-            .streams
-            .get_mut(token.slot)
-            .and_then(Option::as_mut)
-            .filter(|s| s.generation == token.generation)
-        else {
+        let Some(entry) = self.named_mut(token) else {
             return;
         };
         if let Some(channel) = entry
