@@ -56,7 +56,8 @@ const GETEVENTS: u32 = 1;
 struct InFlight {
     token: Token,
     len: usize,
-    address: SockAddr,
+    /// None when the socket is connected to where the packet goes.
+    address: Option<SockAddr>,
     failed: bool,
 }
 
@@ -312,15 +313,18 @@ impl Ring {
         let timespec = Timespec::from(timeout);
         let args = SubmitArgs::new().timespec(&timespec);
         let entered = self.ring.submitter().submit_with_args(want, &args);
+        self.entered(entered);
+    }
+
+    /// After an entry: settles what the kernel took, and reports an error
+    /// other than a timeout or an interruption.
+    fn entered(&mut self, result: io::Result<usize>) {
         self.taken();
-        match entered {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                ) => {}
-            Err(e) => {
+        if let Err(e) = result {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+            ) {
                 tracing::warn!(error = %e, "media relay: io_uring_enter failed");
                 // Not a hot loop on an error that persists.
                 std::thread::sleep(super::TICK);
@@ -349,15 +353,7 @@ impl Ring {
                 .submitter()
                 .enter::<libc::sigset_t>(queued, 0, GETEVENTS, None)
         };
-        self.taken();
-        if let Err(e) = entered {
-            if !matches!(
-                e.raw_os_error(),
-                Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
-            ) {
-                tracing::warn!(error = %e, "media relay: io_uring_enter failed");
-            }
-        }
+        self.entered(entered);
     }
 
     /// Handles what completed: forwards received packets (their sends are
@@ -499,13 +495,13 @@ impl Ring {
         let flight = flight.insert(InFlight {
             token,
             len: length,
-            address: SockAddr::from(route.to),
+            address: (!route.connected).then(|| SockAddr::from(route.to)),
             failed: false,
         });
-        if !route.connected {
+        if let Some(address) = &flight.address {
             send = send
-                .dest_addr(flight.address.as_ptr().cast())
-                .dest_addr_len(flight.address.len());
+                .dest_addr(address.as_ptr().cast())
+                .dest_addr_len(address.len());
         }
         let send = send
             .flags(libc::MSG_DONTWAIT)
