@@ -265,7 +265,7 @@ fn hold_and_move(config: &str) {
     let callee = SipClient::new();
     let pbx = Pbx::start(callee.addr().port(), config);
     let call = establish(&pbx, &callee, "0 101", "hold-1").expect("answered");
-    // Latched (and connected) to the caller's first port before it moves.
+    // Latched onto the caller's first port before it moves.
     call.a
         .0
         .send_to(&rtp(1, 0xA0), call.to_pbx_from_a)

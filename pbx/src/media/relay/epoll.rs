@@ -4,10 +4,11 @@
 //! containerd refuse it) or `media.relay_io` asks for it.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use super::{drain_eventfd, Hold, Route, Thread, Token, Watch, SWEEP_EVERY};
+use super::{drain_eventfd, Hold, Thread, Token, Watch, SWEEP_EVERY};
 
 const WAKE_TOKEN: u64 = u64::MAX;
 /// Large enough for any UDP datagram, so nothing is cut short.
@@ -96,7 +97,7 @@ struct Batch {
 /// A packet read and checked, and where it goes.
 struct Outgoing {
     token: Token,
-    route: Route,
+    destination: SocketAddr,
     start: usize,
     len: usize,
 }
@@ -157,13 +158,13 @@ fn receive(thread: &mut Thread, token: Token, batch: &mut Batch, now: Instant) {
     let Ok((len, source)) = socket.recv_from(room) else {
         return;
     };
-    let Some(route) = thread.route(token, source, now) else {
+    let Some(destination) = thread.route(token, source, now) else {
         return;
     };
     batch.used += len;
     batch.packets.push(Outgoing {
         token,
-        route,
+        destination,
         start,
         len,
     });
@@ -179,12 +180,7 @@ fn send(thread: &Thread, batch: &mut Batch) -> u64 {
         ) else {
             continue;
         };
-        let result = if packet.route.connected {
-            socket.send(data)
-        } else {
-            socket.send_to(data, packet.route.to)
-        };
-        if result.is_err() {
+        if socket.send_to(data, packet.destination).is_err() {
             thread.failed(packet.token);
             continue;
         }

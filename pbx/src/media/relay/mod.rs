@@ -30,12 +30,14 @@
 //!   epoll_wait and recvfrom, sends from the receive buffers need no copy,
 //!   fixed files skip a descriptor lookup per send, and MSG_DONTWAIT sends
 //!   with CQE_SKIP_SUCCESS post no completion.
-//! - Connecting a latched socket to its phone makes each send skip the
-//!   route lookup (0.3-0.7 us by send() against sendto()) and lets the
-//!   kernel drop strangers. It needs sockets bound to the advertised
-//!   address: connect() pins a wildcard socket's local address to the
-//!   route's source, and a multi-homed node whose phones send to another
-//!   of its addresses would lose their media.
+//! - Sockets are not connect()ed to the phone they latch onto, though a
+//!   send then skips the route lookup (0.3-0.7 us, within the noise of a
+//!   whole run). A connected socket's kernel drops every other source at
+//!   once, so a phone that moves (re-INVITE to a new address) loses the
+//!   packets it sends before the relay thread has applied the new SDP; an
+//!   unconnected socket keeps them for the thread to route after it has.
+//!   Connecting also needs sockets bound to the advertised address, which
+//!   a multi-homed node may not receive on.
 //! - A busy thread wakes at most once per TICK (2 ms) and then serves
 //!   every ready socket: 8,300-9,200 ns per packet against 9,900-12,600 ns
 //!   with 0.5 ms pauses (epoll), mainly fewer wake-ups per packet and
@@ -148,60 +150,8 @@ enum Command {
 #[derive(Debug)]
 pub struct Relay {
     workers: Vec<Worker>,
-    sockets: Sockets,
+    dual_stack: bool,
     packets: Arc<AtomicU64>,
-}
-
-/// What the relay's sockets bind to. The advertised address when the node
-/// has it, as rtpengine binds its interface address: such a socket can be
-/// connected to the phone it latched onto and still receives where the
-/// phone sends. Otherwise (an address on a NAT in front of the node) the
-/// wildcard of the advertised family, never connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sockets {
-    Bound(IpAddr),
-    AnyIpv4,
-    /// IPv4 peers then appear as IPv4-mapped IPv6 addresses.
-    AnyDualStack,
-}
-
-impl Sockets {
-    fn for_advertised(advertised: IpAddr) -> Self {
-        if !advertised.is_unspecified() && UdpSocket::bind(SocketAddr::new(advertised, 0)).is_ok() {
-            Self::Bound(advertised)
-        } else if advertised.is_ipv6()
-            && Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).is_ok()
-        {
-            Self::AnyDualStack
-        } else {
-            // An IPv4 node gets IPv4 sockets: IPv4 packets through a
-            // dual-stack socket take the longer udpv6 paths of the kernel.
-            Self::AnyIpv4
-        }
-    }
-
-    fn local(self) -> IpAddr {
-        match self {
-            Self::Bound(ip) => ip,
-            Self::AnyIpv4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            Self::AnyDualStack => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        }
-    }
-
-    /// The form in which the sockets see `addr`: IPv4 peers of a
-    /// dual-stack socket appear as IPv4-mapped IPv6 addresses; a peer of
-    /// the other family is out of reach of single-family sockets.
-    fn form(self, addr: SocketAddr) -> Option<SocketAddr> {
-        let ip = match (self.local(), addr.ip()) {
-            (IpAddr::V6(_), IpAddr::V4(v4)) if self == Self::AnyDualStack => {
-                IpAddr::V6(v4.to_ipv6_mapped())
-            }
-            (IpAddr::V4(_), IpAddr::V6(v6)) => IpAddr::V4(v6.to_ipv4_mapped()?),
-            (IpAddr::V6(_), IpAddr::V4(_)) => return None,
-            (_, ip) => ip,
-        };
-        Some(SocketAddr::new(ip, addr.port()))
-    }
 }
 
 #[derive(Debug)]
@@ -224,7 +174,6 @@ impl Relay {
         events: UnboundedSender<MediaEvent>,
     ) -> io::Result<Self> {
         let packets = Arc::new(AtomicU64::new(0));
-        let sockets = Sockets::for_advertised(advertised);
         let mut workers = Vec::new();
         let mut backend = "epoll";
         for n in 0..threads.max(1) {
@@ -232,7 +181,6 @@ impl Relay {
             let wake = Arc::new(eventfd()?);
             let (started, outcome) = mpsc::sync_channel(1);
             let thread = Thread {
-                connect: matches!(sockets, Sockets::Bound(_)),
                 queue,
                 wake: wake.clone(),
                 pool: pool.clone(),
@@ -259,15 +207,13 @@ impl Relay {
                 thread: handle,
             });
         }
-        tracing::info!(
-            threads = workers.len(),
-            backend,
-            local = %sockets.local(),
-            "media relay started"
-        );
+        tracing::info!(threads = workers.len(), backend, "media relay started");
         Ok(Self {
             workers,
-            sockets,
+            // An IPv4 node gets IPv4 sockets: IPv4 packets through a
+            // dual-stack socket take the longer udpv6 paths of the kernel.
+            dual_stack: advertised.is_ipv6()
+                && Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).is_ok(),
             packets,
         })
     }
@@ -292,16 +238,16 @@ impl Relay {
     }
 
     fn bind(&self, port: u16) -> io::Result<UdpSocket> {
-        let local = self.sockets.local();
-        let socket = Socket::new(
-            Domain::for_address(SocketAddr::new(local, port)),
-            Type::DGRAM,
-            Some(Protocol::UDP),
-        )?;
-        if self.sockets == Sockets::AnyDualStack {
-            socket.set_only_v6(false)?;
-        }
-        socket.bind(&SocketAddr::new(local, port).into())?;
+        let socket = if self.dual_stack {
+            let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+            s.set_only_v6(false)?;
+            s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+            s
+        } else {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+            s
+        };
         socket.set_nonblocking(true)?;
         Ok(socket.into())
     }
@@ -355,7 +301,7 @@ impl Relay {
         remote: Option<Remote>,
         relatch: bool,
     ) {
-        let form = |addr| self.sockets.form(addr);
+        let form = |addr| socket_form(self.dual_stack, addr);
         let remote = remote.and_then(|r| {
             Some(Remote {
                 rtp: form(r.rtp)?,
@@ -425,15 +371,19 @@ fn wake(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
-/// Dissolves a UDP socket's association (connect to AF_UNSPEC), so that it
-/// receives from anyone again.
-fn disconnect(socket: &UdpSocket) {
-    // SAFETY: an all-zero sockaddr is AF_UNSPEC.
-    let unspecified: libc::sockaddr = unsafe { std::mem::zeroed() };
-    let len = libc::socklen_t::try_from(size_of::<libc::sockaddr>()).unwrap_or_default();
-    // SAFETY: the address is live for the call and `len` is its size.
-    if unsafe { libc::connect(socket.as_raw_fd(), &unspecified, len) } < 0 {
-        tracing::warn!(error = %io::Error::last_os_error(), "media relay: disconnect failed");
+/// The form in which the relay's sockets see `addr`: IPv4 peers of a
+/// dual-stack socket appear as IPv4-mapped IPv6 addresses; an IPv6 peer is
+/// out of reach of an IPv4-only relay.
+fn socket_form(dual_stack: bool, addr: SocketAddr) -> Option<SocketAddr> {
+    match (dual_stack, addr.ip()) {
+        (true, IpAddr::V4(v4)) => Some(SocketAddr::new(
+            IpAddr::V6(v4.to_ipv6_mapped()),
+            addr.port(),
+        )),
+        (true, IpAddr::V6(_)) | (false, IpAddr::V4(_)) => Some(addr),
+        (false, IpAddr::V6(v6)) => v6
+            .to_ipv4_mapped()
+            .map(|v4| SocketAddr::new(IpAddr::V4(v4), addr.port())),
     }
 }
 
@@ -548,17 +498,6 @@ struct Channel {
     signalled: bool,
     latched: Option<SocketAddr>,
     hold: Hold,
-    /// Connected to `latched`: the kernel then drops other sources' packets
-    /// and sends without a route lookup.
-    connected: bool,
-}
-
-/// Where a packet goes out: to `to`, through a socket connected to it
-/// (send) or not (sendto).
-#[derive(Debug, Clone, Copy)]
-struct Route {
-    to: SocketAddr,
-    connected: bool,
 }
 
 #[derive(Debug)]
@@ -588,9 +527,6 @@ struct SessionEntry {
 /// latching, the commands from signalling, the counters and the
 /// `rtp_timeout` sweep.
 struct Thread {
-    /// Sockets are bound to a local address and may be connected to the
-    /// address they latch onto.
-    connect: bool,
     queue: mpsc::Receiver<Command>,
     wake: Arc<OwnedFd>,
     pool: Arc<PortPool>,
@@ -660,8 +596,7 @@ impl Thread {
     /// Where a packet that reached `token`'s socket from `source` goes:
     /// `None` drops it (counted) when it comes from a stranger, before the
     /// leg may latch, or has nowhere to go.
-    fn route(&mut self, token: Token, source: SocketAddr, now: Instant) -> Option<Route> {
-        let connect = self.connect;
+    fn route(&mut self, token: Token, source: SocketAddr, now: Instant) -> Option<SocketAddr> {
         let entry = self.named_mut(token).filter(|s| !s.closing)?;
         let [a, b] = &mut entry.channels;
         let (from, to) = if token.leg == 0 { (a, b) } else { (b, a) };
@@ -676,7 +611,6 @@ impl Thread {
                 let even = entry.ports.get(token.leg).copied().unwrap_or_default();
                 tracing::debug!(port = even + token.kind as u16, %source, "media: latched");
                 input.latched = Some(source);
-                input.connected = connect && input.socket.connect(source).is_ok();
             }
             None => {
                 bump(&entry.counters.dropped, 1);
@@ -686,14 +620,11 @@ impl Thread {
         if token.kind == 0 {
             entry.last_rtp = now;
         }
-        let Some(to) = output.latched.or(output.sdp) else {
+        let destination = output.latched.or(output.sdp);
+        if destination.is_none() {
             bump(&entry.counters.dropped, 1);
-            return None;
-        };
-        Some(Route {
-            to,
-            connected: output.connected,
-        })
+        }
+        destination
     }
 
     /// A packet that arrived at `token`'s socket went out, `len` bytes.
@@ -790,9 +721,6 @@ impl Thread {
                         channel.sdp = addr.or(channel.sdp);
                         if relatch {
                             channel.latched = None;
-                            if std::mem::take(&mut channel.connected) {
-                                disconnect(&channel.socket);
-                            }
                         }
                     }
                 }
@@ -826,7 +754,6 @@ impl Thread {
             signalled: false,
             latched: None,
             hold: Hold::default(),
-            connected: false,
         };
         let mut entry = StreamEntry {
             index,
@@ -979,29 +906,11 @@ mod tests {
         let v4 = addr("192.0.2.1:4000");
         let mapped = addr("[::ffff:192.0.2.1]:4000");
         let v6 = addr("[2001:db8::1]:4000");
-        let dual = Sockets::AnyDualStack;
-        assert_eq!(dual.form(v4), Some(mapped));
-        assert_eq!(dual.form(v6), Some(v6));
-        for ipv4 in [Sockets::AnyIpv4, Sockets::Bound(v4.ip())] {
-            assert_eq!(ipv4.form(v4), Some(v4));
-            assert_eq!(ipv4.form(mapped), Some(v4));
-            assert_eq!(ipv4.form(v6), None);
-        }
-        let ipv6 = Sockets::Bound(v6.ip());
-        assert_eq!(ipv6.form(v6), Some(v6));
-        assert_eq!(
-            ipv6.form(v4),
-            None,
-            "a socket bound to an IPv6 address cannot reach IPv4"
-        );
-    }
-
-    #[test]
-    fn sockets_bind_the_advertised_address_only_where_the_node_has_it() {
-        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        assert_eq!(Sockets::for_advertised(loopback), Sockets::Bound(loopback));
-        let elsewhere = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
-        assert_eq!(Sockets::for_advertised(elsewhere), Sockets::AnyIpv4);
+        assert_eq!(socket_form(true, v4), Some(mapped));
+        assert_eq!(socket_form(true, v6), Some(v6));
+        assert_eq!(socket_form(false, v4), Some(v4));
+        assert_eq!(socket_form(false, mapped), Some(v4));
+        assert_eq!(socket_form(false, v6), None);
     }
 
     #[test]

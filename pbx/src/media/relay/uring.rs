@@ -56,8 +56,7 @@ const GETEVENTS: u32 = 1;
 struct InFlight {
     token: Token,
     len: usize,
-    /// None when the socket is connected to where the packet goes.
-    address: Option<SockAddr>,
+    address: SockAddr,
     failed: bool,
 }
 
@@ -420,20 +419,11 @@ impl Ring {
             }
         }
         if !cqueue::more(flags) {
-            // The receive ended: out of buffers, done with data, or told
-            // of an ICMP error from the connected peer (a phone not yet
-            // listening): armed again. Cancelled as the call ended, or
-            // failed otherwise: let go.
+            // The receive ended: out of buffers or done with data: armed
+            // again. Cancelled as the call ended, or failed: let go.
             let socket = thread.input(token).map(AsRawFd::as_raw_fd);
             let fixed = thread.hold(token).fixed;
-            let again = result >= 0
-                || [
-                    libc::ENOBUFS,
-                    libc::ECONNREFUSED,
-                    libc::EHOSTUNREACH,
-                    libc::ENETUNREACH,
-                ]
-                .contains(&-result);
+            let again = result >= 0 || result == -libc::ENOBUFS;
             match socket {
                 Some(socket) if again && self.arm(socket, fixed, token) => {}
                 // Still used for sending: stays in the file table until
@@ -478,14 +468,14 @@ impl Ring {
             return false;
         };
         let (start, length) = (payload.as_ptr(), payload.len());
-        let Some(route) = thread.route(token, source, now) else {
+        let Some(destination) = thread.route(token, source, now) else {
             return false;
         };
         let (Some((socket, hold)), Ok(length_u32)) = (thread.output(token), u32::try_from(length))
         else {
             return false;
         };
-        let mut send = match hold.fixed {
+        let send = match hold.fixed {
             Some(index) => opcode::Send::new(Fixed(index), start, length_u32),
             None => opcode::Send::new(Fd(socket.as_raw_fd()), start, length_u32),
         };
@@ -495,15 +485,12 @@ impl Ring {
         let flight = flight.insert(InFlight {
             token,
             len: length,
-            address: (!route.connected).then(|| SockAddr::from(route.to)),
+            address: SockAddr::from(destination),
             failed: false,
         });
-        if let Some(address) = &flight.address {
-            send = send
-                .dest_addr(address.as_ptr().cast())
-                .dest_addr_len(address.len());
-        }
         let send = send
+            .dest_addr(flight.address.as_ptr().cast())
+            .dest_addr_len(flight.address.len())
             .flags(libc::MSG_DONTWAIT)
             .build()
             .flags(squeue::Flags::SKIP_SUCCESS)
@@ -595,7 +582,7 @@ impl Drop for Ring {
 pub(super) fn run(mut thread: Thread, mut ring: Ring) {
     let mut received = 0;
     let mut start = Instant::now();
-    loop {
+    'rounds: loop {
         match thread.pause(received > 0, start) {
             // Packets arriving during the sleep wait in the ring.
             Some(rest) => {
@@ -613,11 +600,6 @@ pub(super) fn run(mut thread: Thread, mut ring: Ring) {
         }
         let now = Instant::now();
         start = now;
-        // Commands first, so that a packet arriving with the SDP that
-        // tells where it goes is not dropped.
-        if !thread.commands(&mut ring) {
-            break;
-        }
         // The kernel runs a limited number of receives per entry, and the
         // sends a pass queues go out with the next entry: enter until a
         // pass brings nothing.
@@ -625,6 +607,13 @@ pub(super) fn run(mut thread: Thread, mut ring: Ring) {
         received = 0;
         loop {
             ring.gather();
+            // Commands between receiving and routing: a command queued
+            // before a packet was sent (the SDP that tells where it goes,
+            // or that the phone moved) is applied before that packet is
+            // routed.
+            if !thread.commands(&mut ring) {
+                break 'rounds;
+            }
             let (r, s) = ring.complete(&mut thread, now);
             (received, sent, passes) = (received + r, sent + s, passes + 1);
             if r + s == 0 || passes > MAX_PASSES {
