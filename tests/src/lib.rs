@@ -747,6 +747,7 @@ fn rand_suffix() -> u128 {
         .map(|d| d.as_nanos())
         .unwrap_or_default()
 }
+pub mod media;
 pub mod phone;
 pub mod softphone;
 

@@ -4,117 +4,16 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
+use sip_pbx_e2e::media::{establish, media_pair, Call};
 use sip_pbx_e2e::{
-    audio_sdp, invite, io_uring_available, response_to, sdp_audio_target, status_code, wait_until,
-    without_io_uring, Pbx, SipClient,
+    audio_sdp, io_uring_available, response_to, sdp_audio_target, wait_until, without_io_uring,
+    Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
 
 fn bypass(extra: &str) -> String {
     format!("media:\n  mode: bypass\n  port_pool: {{start: 31000, end: 31999}}\n  rtp_timeout: 30\n{extra}")
-}
-
-/// An RTP/RTCP socket pair on consecutive ports.
-fn media_pair() -> (UdpSocket, UdpSocket) {
-    loop {
-        let rtp = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let port = rtp.local_addr().expect("addr").port();
-        if port.is_multiple_of(2) {
-            if let Ok(rtcp) = UdpSocket::bind(("127.0.0.1", port + 1)) {
-                for s in [&rtp, &rtcp] {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))
-                        .expect("timeout");
-                }
-                return (rtp, rtcp);
-            }
-        }
-    }
-}
-
-/// An established call between a raw caller and a raw callee.
-struct Call<'a> {
-    caller: SipClient,
-    callee: &'a SipClient,
-    a: (UdpSocket, UdpSocket),
-    b: (UdpSocket, UdpSocket),
-    /// Where the caller's media goes (the PBX's A-leg port).
-    to_pbx_from_a: SocketAddr,
-    /// Where the callee's media goes (the PBX's B-leg port).
-    to_pbx_from_b: SocketAddr,
-    invite_at_b: String,
-    ok_at_a: String,
-    pbx: SocketAddr,
-}
-
-/// An in-dialog request from the caller, built from the 200 it received.
-fn caller_request(call: &Call<'_>, method: &str, cseq: u32, sdp: Option<&str>) -> Vec<u8> {
-    sip_pbx_e2e::caller_request(method, &call.ok_at_a, call.caller.addr(), cseq, sdp)
-}
-
-fn establish<'a>(
-    pbx: &Pbx,
-    callee: &'a SipClient,
-    codecs: &str,
-    call_id: &str,
-) -> Result<Call<'a>, u16> {
-    let caller = SipClient::new();
-    let a = media_pair();
-    let b = media_pair();
-    let a_port = a.0.local_addr().expect("addr").port();
-    let b_port = b.0.local_addr().expect("addr").port();
-    let offer = audio_sdp(a_port, codecs);
-    caller.send(
-        &invite(pbx.sip_addr(), "1002", caller.addr(), call_id, Some(&offer)),
-        pbx.sip_addr(),
-    );
-    // Either the callee is offered the call or the caller is refused.
-    let mut invite_at_b = None;
-    wait_until(LIMIT, "the INVITE to reach the callee or a refusal", || {
-        if let Some(text) = callee.recv(Duration::from_millis(20)) {
-            invite_at_b = Some(text);
-            return true;
-        }
-        caller.recv(Duration::from_millis(20)).is_some_and(|text| {
-            let code = status_code(&text).unwrap_or(100);
-            if code >= 200 {
-                invite_at_b = Some(text);
-            }
-            code >= 200
-        })
-    });
-    let invite_at_b = invite_at_b.expect("INVITE or refusal");
-    if let Some(code) = status_code(&invite_at_b) {
-        return Err(code);
-    }
-    let to_pbx_from_b = sdp_audio_target(&invite_at_b).expect("SDP in the callee's INVITE");
-    callee.send(
-        &response_to(
-            &invite_at_b,
-            "200 OK",
-            callee.addr(),
-            Some(&audio_sdp(b_port, "0 101")),
-        ),
-        pbx.sip_addr(),
-    );
-    let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");
-    assert_eq!(code, 200, "{ok_at_a}");
-    let to_pbx_from_a = sdp_audio_target(&ok_at_a).expect("SDP in the 200");
-    let call = Call {
-        caller,
-        callee,
-        a,
-        b,
-        to_pbx_from_a,
-        to_pbx_from_b,
-        invite_at_b,
-        ok_at_a,
-        pbx: pbx.sip_addr(),
-    };
-    call.caller
-        .send(&caller_request(&call, "ACK", 1, None), call.pbx);
-    call.callee.expect_request("ACK");
-    Ok(call)
 }
 
 fn rtp(seq: u16, marker: u8) -> Vec<u8> {
@@ -132,8 +31,7 @@ fn receive(socket: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
 }
 
 fn hang_up(call: &Call<'_>) {
-    call.caller
-        .send(&caller_request(call, "BYE", 2, None), call.pbx);
+    call.caller.send(&call.request("BYE", 2, None), call.pbx);
     let bye = call.callee.expect_request("BYE");
     call.callee.send(
         &response_to(&bye, "200 OK", call.callee.addr(), None),
@@ -276,7 +174,7 @@ fn hold_and_move(config: &str) {
     let moved_port = moved.local_addr().expect("addr").port();
     let hold = audio_sdp(moved_port, "0 101").replace("a=sendrecv", "a=sendonly");
     call.caller
-        .send(&caller_request(&call, "INVITE", 3, Some(&hold)), call.pbx);
+        .send(&call.request("INVITE", 3, Some(&hold)), call.pbx);
     let reinvite = call.callee.expect_request("INVITE");
     assert!(reinvite.contains("a=sendonly"), "{reinvite}");
     assert_eq!(
@@ -293,8 +191,7 @@ fn hold_and_move(config: &str) {
     let (code, ok) = call.caller.final_response(LIMIT).expect("200 to re-INVITE");
     assert_eq!(code, 200);
     assert!(ok.contains("a=recvonly"), "{ok}");
-    call.caller
-        .send(&caller_request(&call, "ACK", 3, None), call.pbx);
+    call.caller.send(&call.request("ACK", 3, None), call.pbx);
     call.callee.expect_request("ACK");
     moved
         .set_read_timeout(Some(Duration::from_secs(2)))

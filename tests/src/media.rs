@@ -1,0 +1,117 @@
+//! Calls with media through a PBX started with `media.mode: bypass`: a raw
+//! caller and a raw callee, each with an RTP/RTCP socket pair.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use crate::{
+    audio_sdp, caller_request, invite, response_to, sdp_audio_target, status_code, wait_until, Pbx,
+    SipClient,
+};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// An RTP/RTCP socket pair on consecutive ports.
+pub fn media_pair() -> (UdpSocket, UdpSocket) {
+    loop {
+        let rtp = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = rtp.local_addr().expect("addr").port();
+        if port.is_multiple_of(2) {
+            if let Ok(rtcp) = UdpSocket::bind(("127.0.0.1", port + 1)) {
+                for s in [&rtp, &rtcp] {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))
+                        .expect("timeout");
+                }
+                return (rtp, rtcp);
+            }
+        }
+    }
+}
+
+/// An established call between a raw caller and a raw callee.
+pub struct Call<'a> {
+    pub caller: SipClient,
+    pub callee: &'a SipClient,
+    pub a: (UdpSocket, UdpSocket),
+    pub b: (UdpSocket, UdpSocket),
+    /// Where the caller's media goes (the PBX's A-leg port).
+    pub to_pbx_from_a: SocketAddr,
+    /// Where the callee's media goes (the PBX's B-leg port).
+    pub to_pbx_from_b: SocketAddr,
+    pub invite_at_b: String,
+    pub ok_at_a: String,
+    pub pbx: SocketAddr,
+}
+
+impl Call<'_> {
+    /// An in-dialog request from the caller, built from the 200 it received.
+    pub fn request(&self, method: &str, cseq: u32, sdp: Option<&str>) -> Vec<u8> {
+        caller_request(method, &self.ok_at_a, self.caller.addr(), cseq, sdp)
+    }
+}
+
+/// Calls `1002` from a new raw caller offering `codecs`, answers at the
+/// raw `callee`, and acknowledges: the call, or the code that refused it.
+pub fn establish<'a>(
+    pbx: &Pbx,
+    callee: &'a SipClient,
+    codecs: &str,
+    call_id: &str,
+) -> Result<Call<'a>, u16> {
+    let caller = SipClient::new();
+    let a = media_pair();
+    let b = media_pair();
+    let a_port = a.0.local_addr().expect("addr").port();
+    let b_port = b.0.local_addr().expect("addr").port();
+    let offer = audio_sdp(a_port, codecs);
+    caller.send(
+        &invite(pbx.sip_addr(), "1002", caller.addr(), call_id, Some(&offer)),
+        pbx.sip_addr(),
+    );
+    // Either the callee is offered the call or the caller is refused.
+    let mut invite_at_b = None;
+    wait_until(LIMIT, "the INVITE to reach the callee or a refusal", || {
+        if let Some(text) = callee.recv(Duration::from_millis(20)) {
+            invite_at_b = Some(text);
+            return true;
+        }
+        caller.recv(Duration::from_millis(20)).is_some_and(|text| {
+            let code = status_code(&text).unwrap_or(100);
+            if code >= 200 {
+                invite_at_b = Some(text);
+            }
+            code >= 200
+        })
+    });
+    let invite_at_b = invite_at_b.expect("INVITE or refusal");
+    if let Some(code) = status_code(&invite_at_b) {
+        return Err(code);
+    }
+    let to_pbx_from_b = sdp_audio_target(&invite_at_b).expect("SDP in the callee's INVITE");
+    callee.send(
+        &response_to(
+            &invite_at_b,
+            "200 OK",
+            callee.addr(),
+            Some(&audio_sdp(b_port, "0 101")),
+        ),
+        pbx.sip_addr(),
+    );
+    let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");
+    assert_eq!(code, 200, "{ok_at_a}");
+    let to_pbx_from_a = sdp_audio_target(&ok_at_a).expect("SDP in the 200");
+    let call = Call {
+        caller,
+        callee,
+        a,
+        b,
+        to_pbx_from_a,
+        to_pbx_from_b,
+        invite_at_b,
+        ok_at_a,
+        pbx: pbx.sip_addr(),
+    };
+    call.caller.send(&call.request("ACK", 1, None), call.pbx);
+    call.callee.expect_request("ACK");
+    Ok(call)
+}
