@@ -11,6 +11,7 @@ pub mod cdr;
 pub mod config;
 pub mod events;
 pub mod http;
+pub mod limits;
 pub mod logging;
 pub mod media;
 pub mod metrics;

@@ -9,6 +9,7 @@ use clap::Parser;
 use sip_pbx::auth::users::Directory;
 use sip_pbx::config::{Config, MediaMode, RegistrarStore, LOG_LEVELS};
 use sip_pbx::events::EventBus;
+use sip_pbx::limits;
 use sip_pbx::logging::{self, TrafficLog};
 use sip_pbx::media::{DirectMedia, MediaStats, RelayMedia, SessionMedia};
 use sip_pbx::metrics::Metrics;
@@ -74,6 +75,13 @@ fn main() -> ExitCode {
     if let Err(e) = logging::init(&config.logging) {
         eprintln!("{e}");
         return ExitCode::from(2);
+    }
+    match limits::raise_open_files() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(before, after, "open-file limit raised")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     // One thread for signalling and the observers: no cross-thread wake-ups
     // on the hot path; the media relay and file I/O have threads of their own.

@@ -800,6 +800,28 @@ pub fn without_io_uring(command: &mut Command) {
     }
 }
 
+/// Starts `command`'s process with the open-file limits `soft` and `hard`,
+/// as a host or container runtime may.
+pub fn open_file_limit(soft: u64, hard: u64) -> impl FnOnce(&mut Command) {
+    move |command| {
+        use std::os::unix::process::CommandExt;
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: the closure runs in the child between fork and exec and
+        // makes one setrlimit call on memory it owns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 /// Whether this machine gives a process an io_uring of the kind the relay
 /// asks for (single issuer, deferred task work: Linux 6.1).
 pub fn io_uring_available() -> bool {

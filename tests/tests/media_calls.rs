@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use sip_pbx_e2e::media::{establish, media_pair, Call};
 use sip_pbx_e2e::{
-    audio_sdp, io_uring_available, response_to, sdp_audio_target, wait_until, without_io_uring,
-    Pbx, SipClient,
+    audio_sdp, io_uring_available, open_file_limit, response_to, sdp_audio_target, wait_until,
+    without_io_uring, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -244,6 +244,68 @@ fn exhausted_port_pool_answers_503() {
     let third = establish(&pbx, &callee, "0", "pool-4").expect("a call after ports came back");
     hang_up(&second);
     hang_up(&third);
+}
+
+#[test]
+fn a_low_open_file_limit_is_raised_to_the_hard_limit() {
+    let callee = SipClient::new();
+    // Soft 64, as low as some hosts set it; 20 calls need 80 media sockets.
+    let pbx = Pbx::start_with(callee.addr().port(), &bypass(""), open_file_limit(64, 4096));
+    let calls: Vec<Call<'_>> = (0..20)
+        .map(|n| {
+            establish(&pbx, &callee, "0", &format!("limit-{n}"))
+                .unwrap_or_else(|code| panic!("call {n} refused with {code}:\n{}", pbx.log()))
+        })
+        .collect();
+    let log = pbx.log();
+    assert!(log.contains("open-file limit raised"), "{log}");
+    assert!(!log.contains("open-file limit is below"), "{log}");
+    for call in &calls {
+        hang_up(call);
+    }
+}
+
+#[test]
+fn out_of_descriptors_a_call_gets_503_and_the_log_says_why() {
+    let callee = SipClient::new();
+    // A hard limit of 100 descriptors, against a pool of 1,000 ports.
+    let pbx = Pbx::start_with(callee.addr().port(), &bypass(""), open_file_limit(100, 100));
+    assert!(
+        pbx.log()
+            .contains("open-file limit is below what media.port_pool needs"),
+        "{}",
+        pbx.log()
+    );
+    let mut calls = Vec::new();
+    let refused = (0..50).find_map(
+        |n| match establish(&pbx, &callee, "0", &format!("fd-{n}")) {
+            Ok(call) => {
+                calls.push(call);
+                None
+            }
+            Err(code) => Some(code),
+        },
+    );
+    assert_eq!(refused, Some(503), "no call refused within 50 calls");
+    assert!(!calls.is_empty(), "no call had media at all");
+    let log = pbx.log();
+    assert!(
+        log.contains("no file descriptors left, new calls are refused with 503"),
+        "{log}"
+    );
+    // Ending a call gives its descriptors back: the next call has media.
+    if let Some(call) = calls.pop() {
+        hang_up(&call);
+    }
+    let (mut again, mut attempt) = (None, 0);
+    wait_until(LIMIT, "a call with media after one ended", || {
+        attempt += 1;
+        again = establish(&pbx, &callee, "0", &format!("fd-again-{attempt}")).ok();
+        again.is_some()
+    });
+    for call in calls.iter().chain(again.iter()) {
+        hang_up(call);
+    }
 }
 
 #[test]

@@ -1218,7 +1218,7 @@ fn outcome(code: u16, end_reason: Option<EndReason>) -> Outcome {
 
 fn media_error_code(error: &MediaError) -> u16 {
     match error {
-        MediaError::PoolExhausted => 503,
+        MediaError::PoolExhausted | MediaError::OutOfFiles => 503,
         MediaError::NoCommonCodec => 488,
         MediaError::BadSdp(_) => 400,
     }

@@ -21,6 +21,10 @@ use super::{LegSide, MediaError, MediaEvent, MediaSessionId, SdpRole, SessionMed
 use crate::config::MediaConfig;
 use crate::status::PbxStatus;
 
+/// Descriptors kept for everything but media sockets: SIP sockets and
+/// TCP connections, files, the relay's eventfds and rings.
+const RESERVED_FILES: usize = 256;
+
 /// The relay as the B2BUA sees it.
 #[derive(Debug)]
 pub struct RelayMedia {
@@ -128,6 +132,18 @@ impl RelayMedia {
         threads: usize,
     ) -> io::Result<Self> {
         let pool = Arc::new(PortPool::new(config.port_pool, status));
+        let (limit, needed) = (
+            crate::limits::open_files(),
+            pool.capacity() + RESERVED_FILES,
+        );
+        if limit < needed {
+            tracing::warn!(
+                limit,
+                needed,
+                calls = limit.saturating_sub(RESERVED_FILES) / 4,
+                "the open-file limit is below what media.port_pool needs: beyond about `calls` relayed calls, new calls are refused with 503; raise the limit (ulimit -n, systemd LimitNOFILE=, the container runtime's nofile)"
+            );
+        }
         let timeout = Duration::from_secs(config.rtp_timeout);
         let relay = Relay::start(
             threads,

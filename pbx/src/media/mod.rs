@@ -45,6 +45,9 @@ pub enum MediaError {
     /// The port pool is exhausted: answer 503.
     #[error("media port pool exhausted")]
     PoolExhausted,
+    /// The process may open no more sockets: answer 503.
+    #[error("no file descriptors left for media sockets")]
+    OutOfFiles,
     /// No codec of the offer is allowed by `media.codecs`: answer 488.
     #[error("no acceptable codec in the offer")]
     NoCommonCodec,

@@ -72,7 +72,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -164,6 +164,8 @@ pub struct Relay {
     workers: Vec<Worker>,
     dual_stack: bool,
     packets: Arc<AtomicU64>,
+    /// When running out of descriptors was last reported.
+    out_of_files_warned: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug)]
@@ -227,6 +229,7 @@ impl Relay {
             dual_stack: advertised.is_ipv6()
                 && Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).is_ok(),
             packets,
+            out_of_files_warned: Mutex::new(None),
         })
     }
 
@@ -236,17 +239,41 @@ impl Relay {
     }
 
     /// Binds the sockets of one leg of a stream on a free pair of the pool;
-    /// pairs some other program holds are skipped.
+    /// pairs some other program holds are skipped. Out of descriptors it
+    /// stops at once, as every other pair would fail the same way.
     pub fn bind_pair(&self, pool: &PortPool) -> Result<(u16, [UdpSocket; 2]), MediaError> {
         for _ in 0..pool.capacity() {
             let Some(port) = pool.allocate() else { break };
-            let rtcp = port.checked_add(1);
-            if let (Ok(a), Some(Ok(b))) = (self.bind(port), rtcp.map(|rtcp| self.bind(rtcp))) {
-                return Ok((port, [a, b]));
+            let pair = self.bind(port).and_then(|rtp| {
+                let rtcp = port.checked_add(1).ok_or(io::ErrorKind::AddrNotAvailable)?;
+                Ok([rtp, self.bind(rtcp)?])
+            });
+            match pair {
+                Ok(sockets) => return Ok((port, sockets)),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    pool.release(port);
+                    self.out_of_files(&e);
+                    return Err(MediaError::OutOfFiles);
+                }
+                Err(_) => pool.release(port),
             }
-            pool.release(port);
         }
         Err(MediaError::PoolExhausted)
+    }
+
+    /// Says, at most once a minute, why calls are being refused.
+    fn out_of_files(&self, error: &io::Error) {
+        let Ok(mut last) = self.out_of_files_warned.lock() else {
+            return;
+        };
+        if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                error = %error,
+                limit = crate::limits::open_files(),
+                "media sockets: no file descriptors left, new calls are refused with 503 until others end; raise the open-file limit (ulimit -n, systemd LimitNOFILE=, the container runtime's nofile)"
+            );
+        }
     }
 
     fn bind(&self, port: u16) -> io::Result<UdpSocket> {

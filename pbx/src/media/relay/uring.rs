@@ -216,7 +216,7 @@ impl Ring {
         header.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
         // The table may not exceed the open-file limit; without one, or
         // past its end, sockets are used by descriptor.
-        let table = u32::try_from(sockets.min(open_file_limit())).unwrap_or(u32::MAX);
+        let table = u32::try_from(sockets.min(crate::limits::open_files())).unwrap_or(u32::MAX);
         let fixed = match ring.submitter().register_files_sparse(table) {
             Ok(()) => (0..table).rev().collect(),
             Err(e) => {
@@ -625,16 +625,6 @@ pub(super) fn run(mut thread: Thread, mut ring: Ring) {
         }
     }
     thread.shutdown(&mut ring);
-}
-
-fn open_file_limit() -> usize {
-    // SAFETY: an all-zero rlimit is valid output space.
-    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: `limit` is live for the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
-        return 0;
-    }
-    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
 }
 
 /// The address in a `sockaddr_in` or `sockaddr_in6` as the kernel wrote it.

@@ -1,0 +1,42 @@
+//! The process's open-file limit. Every media port is a socket, so a full
+//! port pool needs as many descriptors as it has ports, well above the
+//! 1,024 that many hosts and container runtimes give a process by default
+//! (the hard limit is usually far higher). The PBX raises its own limit to
+//! the hard limit at start, as servers do, and says so when that is still
+//! short of what its configuration needs.
+
+use std::io;
+
+/// The soft and hard open-file limits.
+fn open_file_limits() -> io::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is live for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit)
+}
+
+/// How many files the process may have open (the soft limit).
+pub fn open_files() -> usize {
+    open_file_limits().map_or(0, |l| usize::try_from(l.rlim_cur).unwrap_or(usize::MAX))
+}
+
+/// Raises the soft open-file limit to the hard one; returns the limit
+/// before and after.
+pub fn raise_open_files() -> io::Result<(u64, u64)> {
+    let mut limit = open_file_limits()?;
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: `limit` is live for the call; raising the soft limit up
+        // to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((before, limit.rlim_cur))
+}
