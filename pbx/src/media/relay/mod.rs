@@ -26,14 +26,13 @@
 //!   failed receive: UDP does not report what is left in a socket, so a
 //!   multishot recvmsg tries again after every packet and meets EAGAIN
 //!   (traced with sock:sock_recv_length: 29,100 failed against 30,000
-//!   good receives in 2 s). That, the recvmsg header, and the route
-//!   lookup and address copy of an unconnected send come to about 13% of
-//!   the thread. Saving them takes connected sockets and plain receives
-//!   capped per invocation (6.16's bundles), so a relay that switches a
-//!   socket's receive on every latch and confirms a move before
-//!   signalling answers it. Not done: the kernel's own UDP receive and
-//!   send alone are about 60% of the thread, so the gain would be small
-//!   against the run-to-run noise and the move race costly.
+//!   good receives in 2 s); no io_uring option avoids that for datagrams.
+//!   An unconnected send also looks up its route and copies its address.
+//!   A second socket per latched leg, on the same port (SO_REUSEPORT) and
+//!   connected to the phone, would take the phone's packets from then on
+//!   and skip both, with no move race (other sources still reach the
+//!   first socket): measured 8,000 against 8,400 ns per packet over five
+//!   alternating runs, 5%, not worth twice the sockets and descriptors.
 //! - io_uring against epoll, same build: 7,400-7,800 against 8,400-9,500
 //!   ns per packet at 150 calls, 7,400-7,800 against 8,600-8,800 at 800
 //!   to 1,200 calls; one io_uring thread carried 1,600 calls (137,000
