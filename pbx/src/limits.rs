@@ -1,9 +1,9 @@
 //! The process's open-file limit. Every media port is a socket, so a full
 //! port pool needs as many descriptors as it has ports, well above the
-//! 1,024 that many hosts and container runtimes give a process by default
-//! (the hard limit is usually far higher). The PBX raises its own limit to
-//! the hard limit at start, as servers do, and says so when that is still
-//! short of what its configuration needs.
+//! soft limit of 1,024 that systemd, and containerd 2 after it, give a
+//! process; their hard limit (524,288) leaves raising the soft one to the
+//! program. The PBX raises it to the hard limit at start, as servers do,
+//! and says so when that is still short of what its configuration needs.
 
 use std::io;
 
