@@ -71,7 +71,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -262,9 +262,10 @@ impl Relay {
 
     /// Says, at most once a minute, why calls are being refused.
     fn out_of_files(&self, error: &io::Error) {
-        let Ok(mut last) = self.out_of_files_warned.lock() else {
-            return;
-        };
+        let mut last = self
+            .out_of_files_warned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
             *last = Some(Instant::now());
             tracing::warn!(
