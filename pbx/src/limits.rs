@@ -6,6 +6,11 @@
 //! and says so when that is still short of what its configuration needs.
 
 use std::io;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How often a lasting shortage of descriptors is reported.
+const REPORT_EVERY: Duration = Duration::from_secs(60);
 
 /// The soft and hard open-file limits.
 fn open_file_limits() -> io::Result<libc::rlimit> {
@@ -39,4 +44,32 @@ pub fn raise_open_files() -> io::Result<(u64, u64)> {
         }
     }
     Ok((before, limit.rlim_cur))
+}
+
+/// Whether `error` means the process, or the system, has no descriptor left.
+pub fn out_of_files(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Reports running out of descriptors at most once a minute: the shortage
+/// lasts, and whatever met it is retried far more often than that.
+#[derive(Debug, Default)]
+pub struct OutOfFilesReport {
+    last: Mutex<Option<Instant>>,
+}
+
+impl OutOfFilesReport {
+    /// Reports `error`, and `consequence` for the user, unless reported in
+    /// the last minute.
+    pub fn report(&self, error: &io::Error, consequence: &str) {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                error = %error,
+                limit = open_files(),
+                "no file descriptors left: {consequence}; raise the open-file limit (ulimit -n, systemd LimitNOFILE=, the container runtime's nofile)"
+            );
+        }
+    }
 }

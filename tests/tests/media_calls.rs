@@ -290,7 +290,7 @@ fn out_of_descriptors_a_call_gets_503_and_the_log_says_why() {
     assert!(!calls.is_empty(), "no call had media at all");
     let log = pbx.log();
     assert!(
-        log.contains("no file descriptors left, new calls are refused with 503"),
+        log.contains("no file descriptors left: media sockets cannot be opened, new calls are refused with 503"),
         "{log}"
     );
     // Ending a call gives its descriptors back: the next call has media.

@@ -1,11 +1,15 @@
 //! The `sip-pbx` process itself: command line, configuration errors, the
-//! SIP traffic log, loops and calls whose 2xx is never acknowledged.
+//! SIP traffic log, loops, calls whose 2xx is never acknowledged, and
+//! running out of file descriptors.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
 use sip_pbx_e2e::{
-    free_port, header, invite, pbx_binary, response_to, root, wait_until, Pbx, SipClient,
+    free_port, header, invite, open_file_limit, options, pbx_binary, response_to, root, wait_until,
+    Pbx, SipClient,
 };
 
 #[test]
@@ -139,4 +143,84 @@ fn a_2xx_never_acknowledged_ends_the_call_on_both_legs() {
     });
     let records = pbx.wait_cdrs(1);
     assert_eq!(records[0]["end_reason"], "error");
+}
+
+/// CPU time the process `pid` has used so far.
+fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the PBX's stat");
+    let fields: Vec<u64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second =
+        u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    Duration::from_millis((fields[11] + fields[12]) * 1000 / ticks_per_second)
+}
+
+/// An OPTIONS over a new TCP connection is answered 200.
+fn tcp_options_answered(pbx: &Pbx) -> bool {
+    let Ok(mut stream) = TcpStream::connect(pbx.sip_addr()) else {
+        return false;
+    };
+    let me = stream.local_addr().expect("addr");
+    let request = String::from_utf8_lossy(&options(pbx.sip_addr(), me, "tcp"))
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    let mut answer = [0u8; 12];
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).is_ok()
+        && stream.read_exact(&mut answer).is_ok()
+        && answer.starts_with(b"SIP/2.0 200")
+}
+
+#[test]
+fn out_of_descriptors_tcp_accept_pauses_and_resumes() {
+    let pbx = Pbx::start_with(free_port(), "", open_file_limit(48, 48));
+    assert!(tcp_options_answered(&pbx), "no answer over TCP at start");
+    // Connections the PBX cannot accept wait in the listen queue.
+    let mut flood = Vec::new();
+    wait_until(
+        Duration::from_secs(10),
+        "the PBX to run out of descriptors",
+        || {
+            flood.extend((0..8).filter_map(|_| TcpStream::connect(pbx.sip_addr()).ok()));
+            pbx.log()
+                .contains("no file descriptors left: TCP connections wait until others close")
+        },
+    );
+    // Over the next second, paced by twenty OPTIONS over UDP, signalling
+    // answers each and the PBX does not spin on its listener.
+    let before = process_cpu(pbx.child.id());
+    let probe = SipClient::new();
+    for n in 0..20 {
+        probe.send(
+            &options(pbx.sip_addr(), probe.addr(), &format!("busy{n}-")),
+            pbx.sip_addr(),
+        );
+        let answer = probe.final_response(Duration::from_secs(2));
+        assert_eq!(answer.map(|(code, _)| code), Some(200), "OPTIONS {n}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let spent = process_cpu(pbx.child.id()) - before;
+    assert!(
+        spent < Duration::from_millis(300),
+        "the PBX used {spent:?} of CPU in a second out of descriptors"
+    );
+    let reports = pbx.log().matches("no file descriptors left").count();
+    assert_eq!(
+        reports,
+        1,
+        "reported once, not per failed accept:\n{}",
+        pbx.log()
+    );
+    // Connections that close give their descriptors back.
+    drop(flood);
+    wait_until(Duration::from_secs(10), "TCP served again", || {
+        tcp_options_answered(&pbx)
+    });
 }

@@ -4,8 +4,10 @@
 //! `Transport::send`, which never blocks the caller.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,7 +17,12 @@ use tokio::sync::mpsc;
 use super::message::{Message, Via};
 use super::parse::{parse_datagram, parse_stream, FrameError, Parsed, MAX_MESSAGE};
 use crate::config::TransportMode;
+use crate::limits::{self, OutOfFilesReport};
 use crate::logging::TrafficLog;
+
+/// How long the TCP listener waits after an error that would recur at
+/// once, such as running out of descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -171,12 +178,32 @@ impl Transport {
     }
 
     async fn accept_loop(self, listener: TcpListener) {
+        let report = OutOfFilesReport::default();
         loop {
             match listener.accept().await {
                 Ok((stream, addr)) => {
                     self.adopt(stream, addr);
                 }
-                Err(e) => tracing::warn!(error = %e, "TCP accept failed"),
+                // The connection stays queued and accept fails again at
+                // once: pause rather than spin the signalling thread.
+                Err(e) if limits::out_of_files(&e) => {
+                    report.report(&e, "TCP connections wait until others close");
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                }
+                // One connection's trouble: it was reset before it was
+                // accepted.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    tracing::debug!(error = %e, "TCP accept failed");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                }
             }
         }
     }

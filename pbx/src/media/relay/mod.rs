@@ -71,7 +71,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -81,6 +81,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::port_pool::PortPool;
 use super::{MediaError, MediaEvent, MediaSessionId};
 use crate::config::RelayIo;
+use crate::limits::{self, OutOfFilesReport};
 
 /// Packets and bytes a call relayed, by direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -163,8 +164,7 @@ pub struct Relay {
     workers: Vec<Worker>,
     dual_stack: bool,
     packets: Arc<AtomicU64>,
-    /// When running out of descriptors was last reported.
-    out_of_files_warned: Mutex<Option<Instant>>,
+    out_of_files: OutOfFilesReport,
 }
 
 #[derive(Debug)]
@@ -228,7 +228,7 @@ impl Relay {
             dual_stack: advertised.is_ipv6()
                 && Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).is_ok(),
             packets,
-            out_of_files_warned: Mutex::new(None),
+            out_of_files: OutOfFilesReport::default(),
         })
     }
 
@@ -249,31 +249,18 @@ impl Relay {
             });
             match pair {
                 Ok(sockets) => return Ok((port, sockets)),
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                Err(e) if limits::out_of_files(&e) => {
                     pool.release(port);
-                    self.out_of_files(&e);
+                    self.out_of_files.report(
+                        &e,
+                        "media sockets cannot be opened, new calls are refused with 503 until others end",
+                    );
                     return Err(MediaError::OutOfFiles);
                 }
                 Err(_) => pool.release(port),
             }
         }
         Err(MediaError::PoolExhausted)
-    }
-
-    /// Says, at most once a minute, why calls are being refused.
-    fn out_of_files(&self, error: &io::Error) {
-        let mut last = self
-            .out_of_files_warned
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
-            *last = Some(Instant::now());
-            tracing::warn!(
-                error = %error,
-                limit = crate::limits::open_files(),
-                "media sockets: no file descriptors left, new calls are refused with 503 until others end; raise the open-file limit (ulimit -n, systemd LimitNOFILE=, the container runtime's nofile)"
-            );
-        }
     }
 
     fn bind(&self, port: u16) -> io::Result<UdpSocket> {
