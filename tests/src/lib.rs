@@ -216,7 +216,6 @@ impl Pbx {
         body
     }
 
-    /// Waits for the PBX to exit by itself and returns how.
     /// RTP and RTCP packets the media relay has forwarded (the metric).
     pub fn relayed_packets(&self) -> f64 {
         self.metrics()
@@ -226,6 +225,7 @@ impl Pbx {
             .unwrap_or_default()
     }
 
+    /// Waits for the PBX to exit by itself and returns how.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let mut status = None;
         wait_until(limit, "the PBX to exit", || {
