@@ -487,6 +487,18 @@ impl Token {
             | (self.kind as u64 & 1)
     }
 
+    /// The tokens of the four sockets of the stream in `slot`.
+    fn of_stream(slot: usize, generation: u16) -> impl Iterator<Item = Token> {
+        (0..2).flat_map(move |leg| {
+            (0..2).map(move |kind| Token {
+                slot,
+                generation,
+                leg,
+                kind,
+            })
+        })
+    }
+
     fn decode(value: u64) -> Self {
         Self {
             slot: usize::try_from((value >> 18) & 0xFFFF_FFFF).unwrap_or(usize::MAX),
@@ -538,6 +550,21 @@ struct StreamEntry {
     /// The call is gone; the slot waits for the backend to let go of its
     /// sockets.
     closing: bool,
+}
+
+impl StreamEntry {
+    fn channel(&self, leg: usize, kind: usize) -> Option<&Channel> {
+        self.channels.get(leg)?.get(kind)
+    }
+
+    fn channel_mut(&mut self, leg: usize, kind: usize) -> Option<&mut Channel> {
+        self.channels.get_mut(leg)?.get_mut(kind)
+    }
+
+    /// A backend still holds one of its sockets: its ports are not free.
+    fn held(&self) -> bool {
+        self.channels.iter().flatten().any(|c| c.hold.pending)
+    }
 }
 
 #[derive(Debug)]
@@ -592,29 +619,21 @@ impl Thread {
 
     /// The socket a token names, while its stream lives.
     fn input(&self, token: Token) -> Option<&UdpSocket> {
-        let channel = self
-            .stream(token)?
-            .channels
-            .get(token.leg)?
-            .get(token.kind)?;
+        let channel = self.stream(token)?.channel(token.leg, token.kind)?;
         Some(&channel.socket)
     }
 
     /// The socket that sends on what arrives at `token`'s socket: the
     /// other leg's, of the same kind, and how the backend holds it.
     fn output(&self, token: Token) -> Option<(&UdpSocket, Hold)> {
-        let channel = self
-            .stream(token)?
-            .channels
-            .get(1 - token.leg)?
-            .get(token.kind)?;
+        let channel = self.stream(token)?.channel(1 - token.leg, token.kind)?;
         Some((&channel.socket, channel.hold))
     }
 
     /// How the backend holds `token`'s socket, live or closing.
     fn hold(&self, token: Token) -> Hold {
         self.named(token)
-            .and_then(|s| s.channels.get(token.leg)?.get(token.kind))
+            .and_then(|s| s.channel(token.leg, token.kind))
             .map(|c| c.hold)
             .unwrap_or_default()
     }
@@ -793,14 +812,8 @@ impl Thread {
             last_rtp: now,
             closing: false,
         };
-        for (leg, pair) in entry.channels.iter_mut().enumerate() {
-            for (kind, channel) in pair.iter_mut().enumerate() {
-                let token = Token {
-                    slot,
-                    generation,
-                    leg,
-                    kind,
-                };
+        for token in Token::of_stream(slot, generation) {
+            if let Some(channel) = entry.channel_mut(token.leg, token.kind) {
                 channel.hold = io.watch(channel.socket.as_raw_fd(), token);
             }
         }
@@ -830,18 +843,12 @@ impl Thread {
                 continue;
             };
             stream.closing = true;
-            for (leg, pair) in stream.channels.iter().enumerate() {
-                for (kind, channel) in pair.iter().enumerate() {
-                    let token = Token {
-                        slot,
-                        generation: stream.generation,
-                        leg,
-                        kind,
-                    };
+            for token in Token::of_stream(slot, stream.generation) {
+                if let Some(channel) = stream.channel(token.leg, token.kind) {
                     io.unwatch(channel.socket.as_raw_fd(), token, channel.hold);
                 }
             }
-            if !stream.channels.iter().flatten().any(|c| c.hold.pending) {
+            if !stream.held() {
                 self.release(slot);
             }
         }
@@ -854,11 +861,7 @@ impl Thread {
         let Some(entry) = self.named_mut(token) else {
             return;
         };
-        if let Some(channel) = entry
-            .channels
-            .get_mut(token.leg)
-            .and_then(|pair| pair.get_mut(token.kind))
-        {
+        if let Some(channel) = entry.channel_mut(token.leg, token.kind) {
             channel.hold.pending = false;
         }
         if !entry.closing {
@@ -866,7 +869,7 @@ impl Thread {
                 port = entry.ports.get(token.leg).copied().unwrap_or_default() + token.kind as u16,
                 "media relay stopped receiving on a port"
             );
-        } else if !entry.channels.iter().flatten().any(|c| c.hold.pending) {
+        } else if !entry.held() {
             self.release(token.slot);
         }
     }
@@ -949,5 +952,10 @@ mod tests {
         };
         assert_eq!(Token::decode(token.encode()), token);
         assert!(token.encode() < 1 << 50, "room for a backend's tag bits");
+        let stream: Vec<(usize, usize)> = Token::of_stream(12345, 0xBEEF)
+            .inspect(|t| assert_eq!((t.slot, t.generation), (12345, 0xBEEF)))
+            .map(|t| (t.leg, t.kind))
+            .collect();
+        assert_eq!(stream, [(0, 0), (0, 1), (1, 0), (1, 1)]);
     }
 }
