@@ -557,6 +557,18 @@ impl SipClient {
     /// The next datagram, or None after `limit`.
     pub fn recv(&self, limit: Duration) -> Option<String> {
         self.socket.set_read_timeout(Some(limit)).expect("timeout");
+        self.read()
+    }
+
+    /// A datagram that has already arrived, if any.
+    pub fn try_recv(&self) -> Option<String> {
+        self.socket.set_nonblocking(true).expect("non-blocking");
+        let text = self.read();
+        self.socket.set_nonblocking(false).expect("blocking");
+        text
+    }
+
+    fn read(&self) -> Option<String> {
         let mut buf = vec![0u8; 65_535];
         let (len, _) = self.socket.recv_from(&mut buf).ok()?;
         Some(String::from_utf8_lossy(&buf[..len]).into_owned())
@@ -651,36 +663,76 @@ pub fn caller_request(
     sdp: Option<&str>,
 ) -> Vec<u8> {
     let h = |name: &str| header(response, name).unwrap_or_default();
-    let target = h("Contact").trim_matches(['<', '>']);
-    let body = sdp.unwrap_or_default();
-    let content_type = if sdp.is_some() {
-        "Content-Type: application/sdp\r\n"
-    } else {
-        ""
+    let dialog = Dialog {
+        target: h("Contact").trim_matches(['<', '>']),
+        from: h("From"),
+        to: h("To"),
+        call_id: h("Call-ID"),
     };
-    format!(
-        "{method} {target} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK{method}{seq}x{};rport\r\n\
-         Max-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {seq} {method}\r\n\
-         Contact: <sip:1001@{from}>\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
-        rand_suffix(),
-        h("From"),
-        h("To"),
-        h("Call-ID"),
-        body.len()
-    )
-    .into_bytes()
+    dialog.request(method, from, seq, sdp)
 }
+
+/// An in-dialog request from the raw callee that answered `invite` (text)
+/// with `response_to()`: to the PBX's Contact, From with the callee's tag,
+/// CSeq `seq`, with an SDP body when given.
+pub fn callee_request(
+    method: &str,
+    invite: &str,
+    from: SocketAddr,
+    seq: u32,
+    sdp: Option<&str>,
+) -> Vec<u8> {
+    let h = |name: &str| header(invite, name).unwrap_or_default();
+    let me = format!("{}{}", h("To"), RAW_UA_TAG);
+    let dialog = Dialog {
+        target: h("Contact").trim_matches(['<', '>']),
+        from: &me,
+        to: h("From"),
+        call_id: h("Call-ID"),
+    };
+    dialog.request(method, from, seq, sdp)
+}
+
+/// Where a raw user agent's in-dialog requests go and how they name it.
+struct Dialog<'a> {
+    target: &'a str,
+    from: &'a str,
+    to: &'a str,
+    call_id: &'a str,
+}
+
+impl Dialog<'_> {
+    fn request(&self, method: &str, me: SocketAddr, seq: u32, sdp: Option<&str>) -> Vec<u8> {
+        let body = sdp.unwrap_or_default();
+        let content_type = if sdp.is_some() {
+            "Content-Type: application/sdp\r\n"
+        } else {
+            ""
+        };
+        format!(
+            "{method} {} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{method}{seq}x{};rport\r\n\
+             Max-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {seq} {method}\r\n\
+             Contact: <sip:ua@{me}>\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+            self.target,
+            rand_suffix(),
+            self.from,
+            self.to,
+            self.call_id,
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+/// The To tag `response_to()` gives a dialog.
+const RAW_UA_TAG: &str = ";tag=raw-ua";
 
 /// A response from a raw user agent at `me` to `request` (text), with a
 /// To tag and, when given, an SDP body.
 pub fn response_to(request: &str, status: &str, me: SocketAddr, sdp: Option<&str>) -> Vec<u8> {
     let copy = |name: &str| format!("{name}: {}\r\n", header(request, name).unwrap_or_default());
     let to = header(request, "To").unwrap_or_default();
-    let tag = if to.contains("tag=") {
-        ""
-    } else {
-        ";tag=raw-ua"
-    };
+    let tag = if to.contains("tag=") { "" } else { RAW_UA_TAG };
     let body = sdp.unwrap_or_default();
     let content_type = if sdp.is_some() {
         "Content-Type: application/sdp\r\n"

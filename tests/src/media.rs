@@ -5,11 +5,29 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use crate::{
-    audio_sdp, caller_request, invite, response_to, sdp_audio_target, status_code, wait_until, Pbx,
-    SipClient,
+    audio_sdp, callee_request, caller_request, invite, response_to, sdp_audio_target, status_code,
+    wait_until, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
+
+/// An RTP packet (PCMU, 20 ms): sequence number `seq`, its 160 payload
+/// bytes all `marker`, so that the receiver can tell whose packet it got.
+pub fn rtp(seq: u16, marker: u8) -> Vec<u8> {
+    let mut packet = vec![0x80, 0x00];
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend_from_slice(&[0, 0, 0, 160, 0x11, 0x22, 0x33, 0x44]);
+    packet.extend(std::iter::repeat_n(marker, 160));
+    packet
+}
+
+/// The next datagram on `socket` and where it came from, or None once
+/// its read timeout has passed.
+pub fn receive(socket: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = [0u8; 2048];
+    let (len, from) = socket.recv_from(&mut buf).ok()?;
+    Some((buf[..len].to_vec(), from))
+}
 
 /// An RTP/RTCP socket pair on consecutive ports.
 pub fn media_pair() -> (UdpSocket, UdpSocket) {
@@ -47,6 +65,12 @@ impl Call<'_> {
     /// An in-dialog request from the caller, built from the 200 it received.
     pub fn request(&self, method: &str, cseq: u32, sdp: Option<&str>) -> Vec<u8> {
         caller_request(method, &self.ok_at_a, self.caller.addr(), cseq, sdp)
+    }
+
+    /// An in-dialog request from the callee, built from the INVITE it
+    /// answered.
+    pub fn callee_request(&self, method: &str, cseq: u32, sdp: Option<&str>) -> Vec<u8> {
+        callee_request(method, &self.invite_at_b, self.callee.addr(), cseq, sdp)
     }
 }
 

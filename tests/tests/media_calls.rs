@@ -4,30 +4,16 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use sip_pbx_e2e::media::{establish, media_pair, Call};
+use sip_pbx_e2e::media::{establish, media_pair, receive, rtp, Call};
 use sip_pbx_e2e::{
-    audio_sdp, io_uring_available, open_file_limit, response_to, sdp_audio_target, wait_until,
-    without_io_uring, Pbx, SipClient,
+    audio_sdp, io_uring_available, open_file_limit, response_to, sdp_audio_target, status_code,
+    wait_until, without_io_uring, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
 
 fn bypass(extra: &str) -> String {
     format!("media:\n  mode: bypass\n  port_pool: {{start: 31000, end: 31999}}\n  rtp_timeout: 30\n{extra}")
-}
-
-fn rtp(seq: u16, marker: u8) -> Vec<u8> {
-    let mut packet = vec![0x80, 0x00];
-    packet.extend_from_slice(&seq.to_be_bytes());
-    packet.extend_from_slice(&[0, 0, 0, 160, 0x11, 0x22, 0x33, 0x44]);
-    packet.extend(std::iter::repeat_n(marker, 160));
-    packet
-}
-
-fn receive(socket: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
-    let mut buf = [0u8; 2048];
-    let (len, from) = socket.recv_from(&mut buf).ok()?;
-    Some((buf[..len].to_vec(), from))
 }
 
 fn hang_up(call: &Call<'_>) {
@@ -331,6 +317,76 @@ fn silent_call_ends_at_rtp_timeout_with_bye_on_both_legs() {
     wait_until(LIMIT, "ports back in the pool", || {
         pbx.http_get("/api/stats").1.contains("\"ports_in_use\":0")
     });
+}
+
+/// The PBX ends a call (at rtp_timeout) while the caller's re-INVITE waits
+/// at the callee. Requests crossing its BYEs get 481 and reach nobody; the
+/// callee's late answer still reaches the caller, without the SDP of media
+/// that is gone.
+#[test]
+fn requests_crossing_the_pbxs_bye_get_481() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(
+        callee.addr().port(),
+        "media:\n  mode: bypass\n  port_pool: {start: 34000, end: 34999}\n  rtp_timeout: 1\n",
+    );
+    let call = establish(&pbx, &callee, "0", "crossing-1").expect("answered");
+    let offer = audio_sdp(call.a.0.local_addr().expect("addr").port(), "0");
+    call.caller
+        .send(&call.request("INVITE", 2, Some(&offer)), call.pbx);
+    let reinvite = call.callee.expect_request("INVITE");
+    let bye_a = next(&call.caller, "the BYE at rtp_timeout", |m| {
+        m.starts_with("BYE ")
+    });
+    call.caller.send(
+        &response_to(&bye_a, "200 OK", call.caller.addr(), None),
+        call.pbx,
+    );
+    let bye_b = next(call.callee, "the BYE at rtp_timeout", |m| {
+        m.starts_with("BYE ")
+    });
+
+    let answer = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0");
+    call.callee.send(
+        &response_to(&reinvite, "200 OK", call.callee.addr(), Some(&answer)),
+        call.pbx,
+    );
+    let ok = next(&call.caller, "the callee's 200", |m| {
+        m.starts_with("SIP/2.0 200") && m.contains(" INVITE\r\n")
+    });
+    assert!(!ok.contains("m=audio"), "no SDP for released media: {ok}");
+
+    call.callee
+        .send(&call.callee_request("INFO", 1, None), call.pbx);
+    let refused = next(call.callee, "an answer to INFO", |m| {
+        m.contains(" INFO\r\n")
+    });
+    assert_eq!(status_code(&refused), Some(481), "{refused}");
+    call.caller
+        .send(&call.request("UPDATE", 3, Some(&offer)), call.pbx);
+    let refused = next(&call.caller, "an answer to UPDATE", |m| {
+        m.contains(" UPDATE\r\n")
+    });
+    assert_eq!(status_code(&refused), Some(481), "{refused}");
+
+    call.callee.send(
+        &response_to(&bye_b, "200 OK", call.callee.addr(), None),
+        call.pbx,
+    );
+    assert_eq!(pbx.wait_cdrs(1)[0]["end_reason"], "rtp_timeout");
+    let log = pbx.log();
+    assert!(!log.contains("SDP not relayed"), "{log}");
+}
+
+/// The next message at `client` that `wanted` picks, past retransmissions
+/// and provisional responses.
+fn next(client: &SipClient, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+    let mut found = None;
+    wait_until(LIMIT, what, || {
+        found = client.recv(LIMIT).filter(|m| wanted(m));
+        found.is_some()
+    });
+    found.unwrap_or_default()
 }
 
 /// Two seconds of a PCMU tone as a WAV file (format 7: G.711 mu-law).

@@ -876,7 +876,9 @@ impl B2bua {
         txl: &mut TransactionLayer,
         now: Instant,
     ) {
-        let Some(call) = self.calls.get_mut(&key) else {
+        // A request crossing the PBX's BYE: the call is over and its media
+        // released, and the other leg is being hung up.
+        let Some(call) = self.calls.get_mut(&key).filter(|c| c.outcome.is_none()) else {
             return reply(txl, tx, &request, 481, now);
         };
         if let Some(origin) = call.leg_mut(side) {
@@ -974,7 +976,13 @@ impl B2bua {
         if (101..300).contains(&code) {
             relayed.headers.push("Contact", origin.contact.clone());
         }
-        if let Some(sdp) = response.sdp().cloned() {
+        if call.outcome.is_some() && response.sdp().is_some() {
+            // Answered after the call ended: its media is released.
+            tracing::debug!(
+                call = relay.call,
+                "SDP of a response after the call ended dropped"
+            );
+        } else if let Some(sdp) = response.sdp().cloned() {
             let role = call.response_sdp_role(responder, relay.carried_offer);
             match self.media.relay_sdp(call.media, responder, role, sdp) {
                 Ok(body) => relayed.set_body(Some("application/sdp"), body),
@@ -1221,6 +1229,7 @@ fn media_error_code(error: &MediaError) -> u16 {
         MediaError::PoolExhausted | MediaError::OutOfFiles => 503,
         MediaError::NoCommonCodec => 488,
         MediaError::BadSdp(_) => 400,
+        MediaError::Released(_) => 481,
     }
 }
 

@@ -291,7 +291,7 @@ impl SessionMedia for RelayMedia {
         let mut session = self
             .sessions
             .remove(&id)
-            .ok_or_else(|| MediaError::BadSdp(format!("no media session {}", id.0)))?;
+            .ok_or(MediaError::Released(id.0))?;
         let from = leg_index(from);
         let actions: Vec<Action> = wanted
             .into_iter()

@@ -54,6 +54,9 @@ pub enum MediaError {
     /// The body is not usable SDP: answer 400 (or 488 for an answer).
     #[error("malformed SDP: {0}")]
     BadSdp(String),
+    /// The call's media is already released (the call has ended).
+    #[error("media session {0} already released")]
+    Released(u64),
 }
 
 /// What happened to a call's media that signalling must act on.
