@@ -1,0 +1,409 @@
+//! Garbled input from both sides of calls, sent to the real `sip-pbx` with
+//! the media relay on: thousands of mutated requests, responses, SDP bodies
+//! and RTP datagrams must neither panic the process nor stop it serving.
+//! The RFC 4475 corpus (torture.rs) checks the answer to each known-bad
+//! message; this checks what no list foresees, from a seeded generator so
+//! that a failure can be replayed (`GARBLE_SEED`).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use sip_pbx_e2e::media::{establish, receive, rtp};
+use sip_pbx_e2e::{
+    caller_request, invite, options, response_to, sdp_audio_target, status_code, Pbx, SipClient,
+};
+
+const LIMIT: Duration = Duration::from_secs(10);
+const MESSAGES: usize = 3000;
+/// A probe OPTIONS must be answered after every this many messages.
+const PROBE_EVERY: usize = 250;
+/// How long the caller waits for the PBX to answer what it sent before
+/// sending more: garbage the PBX drops gets no answer.
+const REPLY: Duration = Duration::from_millis(10);
+
+/// An offer with what the SDP code handles: session and media-level
+/// connections, a=rtcp with an address, fmtp, telephone-event, a video
+/// stream and an IPv6 one.
+fn rich_sdp(port: u16) -> String {
+    format!(
+        "v=0\r\no=ua 7 7 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+         m=audio {port} RTP/AVP 0 8 111 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
+         a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n\
+         a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=rtcp:{} IN IP4 127.0.0.1\r\n\
+         a=ptime:20\r\na=sendrecv\r\nm=video {} RTP/AVP 96\r\nc=IN IP4 127.0.0.1\r\n\
+         a=rtpmap:96 H264/90000\r\na=recvonly\r\nm=audio {} RTP/AVP 0\r\nc=IN IP6 ::1\r\n\
+         a=rtpmap:0 PCMU/8000\r\na=inactive\r\n",
+        port + 1,
+        port + 2,
+        port + 4
+    )
+}
+
+/// Swaps that keep a message well-formed enough to get deep into the PBX.
+const SWAPS: &[(&str, &str)] = &[
+    ("IP4", "IP6"),
+    ("audio", "video"),
+    ("audio", "image"),
+    ("RTP/AVP", "UDP/TLS/RTP/SAVPF"),
+    ("RTP/AVP", "TCP/MRCPv2"),
+    ("sendrecv", "inactive"),
+    ("sendrecv", "sendonly"),
+    ("PCMU/8000", "PCMU"),
+    ("opus/48000/2", "opus/"),
+    ("a=rtcp:", "a=rtcp"),
+    ("127.0.0.1", "::1"),
+    ("127.0.0.1", "[::1]"),
+    ("127.0.0.1", "999.0.0.1"),
+    ("127.0.0.1", ""),
+    ("SIP/2.0", "SIP/3.0"),
+    ("tag=", "tag"),
+    ("branch=z9hG4bK", "branch="),
+    ("Content-Length", "l"),
+    ("Via", "v"),
+    ("Call-ID", "i"),
+    ("<sip:", "<tel:"),
+    ("sip:", "sips:"),
+    ("application/sdp", "application/SDP"),
+    ("application/sdp", "multipart/mixed;boundary=x"),
+    ("INVITE", "INVITE INVITE"),
+    ("\r\n", "\n"),
+    ("\r\n", "\r\n "),
+    (": ", ":"),
+    ("=", "=="),
+    ("m=", "m= "),
+];
+
+/// Replacements for a run of digits.
+const NUMBERS: &[&str] = &[
+    "0",
+    "1",
+    "-1",
+    "65535",
+    "65536",
+    "4294967296",
+    "99999999999999999999999999",
+    "",
+    "0x10",
+    "1.5",
+];
+
+/// Bytes dropped in at random places.
+const INSERTS: &[&[u8]] = &[
+    b"\0",
+    b"\r",
+    b"\n",
+    b"\r\n\r\n",
+    b" ",
+    b"\t",
+    b";",
+    b":",
+    b",",
+    b"<",
+    b">",
+    b"@",
+    b"[",
+    b"]",
+    b"%",
+    b"%zz",
+    b"\"",
+    b"\xff\xfe",
+    b"\xc3",
+    b"=",
+];
+
+fn lines(message: &[u8]) -> Vec<Vec<u8>> {
+    message.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect()
+}
+
+/// One to three random edits of `message`.
+fn garble(rng: &mut StdRng, message: &[u8]) -> Vec<u8> {
+    let mut out = message.to_vec();
+    for _ in 0..rng.random_range(1..=3) {
+        match rng.random_range(0..7) {
+            0 | 1 => {
+                let mut all = lines(&out);
+                let at = rng.random_range(0..all.len());
+                if rng.random_bool(0.5) {
+                    all.remove(at);
+                } else {
+                    let line = all[at].clone();
+                    all.insert(at, line);
+                }
+                out = all.join(&b'\n');
+            }
+            2 => out.truncate(rng.random_range(0..=out.len())),
+            3 => {
+                let runs: Vec<(usize, usize)> = digit_runs(&out);
+                if let Some(&(start, end)) = runs.choose(rng) {
+                    let by = NUMBERS.choose(rng).copied().unwrap_or_default();
+                    out.splice(start..end, by.bytes());
+                }
+            }
+            4 => {
+                let at = rng.random_range(0..=out.len());
+                let by = INSERTS.choose(rng).copied().unwrap_or_default();
+                out.splice(at..at, by.iter().copied());
+            }
+            5 => {
+                let (from, to) = SWAPS.choose(rng).copied().unwrap_or_default();
+                let text = String::from_utf8_lossy(&out);
+                let places: Vec<usize> = text.match_indices(from).map(|(i, _)| i).collect();
+                if let Some(&at) = places.choose(rng) {
+                    out = format!("{}{to}{}", &text[..at], &text[at + from.len()..]).into_bytes();
+                }
+            }
+            _ => {
+                if !out.is_empty() {
+                    let at = rng.random_range(0..out.len());
+                    out[at] ^= 1 << rng.random_range(0..8);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn digit_runs(text: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut start = None;
+    for (i, b) in text.iter().chain([&b' ']).enumerate() {
+        match (b.is_ascii_digit(), start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                runs.push((s, i));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    runs
+}
+
+/// Datagrams no phone should send: empty, cut short, random, and one
+/// longer than any RTP packet (a jumbo frame's worth and more).
+fn garbage_media(rng: &mut StdRng) -> Vec<Vec<u8>> {
+    let mut cut = rtp(rng.random(), 0x5A);
+    cut.truncate(rng.random_range(0..12));
+    let random: Vec<u8> = (0..rng.random_range(1..1500))
+        .map(|_| rng.random())
+        .collect();
+    vec![
+        Vec::new(),
+        cut,
+        random,
+        vec![0x80; 9300],
+        rtp(rng.random(), 0x5B),
+    ]
+}
+
+/// The caller's side: what it may send next.
+struct Caller {
+    client: SipClient,
+    pbx: SocketAddr,
+    /// 200s to INVITEs the caller received: their dialogs take in-dialog
+    /// requests.
+    answered: Vec<String>,
+    /// The last INVITE sent, for CANCEL.
+    last_invite: String,
+    /// Sends the garbage media, from one address and then others.
+    media: Vec<UdpSocket>,
+    cseq: u32,
+}
+
+impl Caller {
+    fn next_message(&mut self, rng: &mut StdRng, n: usize) -> Vec<u8> {
+        let me = self.client.addr();
+        let call_id = format!("garbled-{n}");
+        let sdp = rich_sdp(40_000 + 6 * u16::try_from(n % 1000).unwrap_or(0));
+        self.cseq += 1;
+        let dialog = self.answered.choose(rng).cloned();
+        let kind = match (rng.random_range(0..10), &dialog) {
+            (7.., None) => 0,
+            (kind, _) => kind,
+        };
+        match (kind, dialog) {
+            (0..=3, _) | (_, None) => {
+                let message = invite(self.pbx, "2000", me, &call_id, Some(&sdp));
+                self.last_invite = String::from_utf8_lossy(&message).into_owned();
+                message
+            }
+            (4, _) => format!(
+                "REGISTER sip:{pbx} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{call_id};rport\r\n\
+                 Max-Forwards: 70\r\nFrom: <sip:2001@{pbx}>;tag=r{n}\r\nTo: <sip:2001@{pbx}>\r\n\
+                 Call-ID: {call_id}\r\nCSeq: 1 REGISTER\r\nContact: <sip:2001@{me}>;expires=60\r\n\
+                 Expires: 60\r\nContent-Length: 0\r\n\r\n",
+                pbx = self.pbx
+            )
+            .into_bytes(),
+            (5, _) => options(self.pbx, me, &call_id),
+            (6, _) => self
+                .last_invite
+                .replacen("INVITE sip:", "CANCEL sip:", 1)
+                .replacen("CSeq: 1 INVITE", "CSeq: 1 CANCEL", 1)
+                .into_bytes(),
+            (_, Some(ok)) => {
+                let (method, body) = [
+                    ("INVITE", Some(sdp.as_str())),
+                    ("UPDATE", Some(sdp.as_str())),
+                    ("ACK", None),
+                    ("BYE", None),
+                    ("INFO", None),
+                    ("PRACK", None),
+                    ("FROBNICATE", None),
+                ]
+                .choose(rng)
+                .copied()
+                .unwrap_or(("BYE", None));
+                caller_request(method, &ok, me, self.cseq, body)
+            }
+        }
+    }
+
+    /// Reads what came back: a 200 with SDP opens a dialog for later
+    /// requests, and its relay port gets garbage media.
+    fn read_responses(&mut self, rng: &mut StdRng) {
+        let first = self.client.recv(REPLY);
+        for text in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| self.client.try_recv()))
+        {
+            if status_code(&text) != Some(200) || !text.contains(" INVITE\r\n") {
+                continue;
+            }
+            if let Some(target) = sdp_audio_target(&text) {
+                let from = self.media.choose(rng).expect("media sockets");
+                for datagram in garbage_media(rng) {
+                    for port in [target.port(), target.port().wrapping_add(1)] {
+                        // Refused sends (ICMP from a port already freed)
+                        // are part of the game.
+                        let _ = from.send_to(&datagram, SocketAddr::new(target.ip(), port));
+                    }
+                }
+            }
+            self.answered.push(text);
+            if self.answered.len() > 20 {
+                self.answered.remove(0);
+            }
+        }
+    }
+}
+
+/// The callee's side: answers what the PBX sends, often garbled.
+fn answer_requests(rng: &mut StdRng, callee: &SipClient, pbx: SocketAddr) {
+    while let Some(request) = callee.try_recv() {
+        if request.starts_with("ACK ") || status_code(&request).is_some() {
+            continue;
+        }
+        let sdp = rich_sdp(50_000 + 2 * rng.random_range(0..1000u16));
+        let (status, body) = if request.starts_with("INVITE ") {
+            [
+                ("180 Ringing", None),
+                ("183 Session Progress", Some(sdp.as_str())),
+                ("200 OK", Some(sdp.as_str())),
+                ("486 Busy Here", None),
+            ]
+            .choose(rng)
+            .copied()
+            .unwrap_or(("200 OK", None))
+        } else {
+            ("200 OK", None)
+        };
+        let response = response_to(&request, status, callee.addr(), body);
+        let response = if rng.random_bool(0.5) {
+            garble(rng, &response)
+        } else {
+            response
+        };
+        callee.send(&response, pbx);
+    }
+}
+
+#[test]
+fn garbled_sip_sdp_and_rtp_from_both_sides_never_stop_the_pbx() {
+    let seed = std::env::var("GARBLE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4475);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let garbled_callee = SipClient::new();
+    let clean_callee = SipClient::new();
+    let mut pbx = Pbx::start(
+        garbled_callee.addr().port(),
+        &format!(
+            "media:\n  mode: bypass\n  port_pool: {{start: 10000, end: 19999}}\n  rtp_timeout: 30\n\n\
+             routes:\n  - match: \"^1002$\"\n    target: \"sip:1002@127.0.0.1:{}\"\n  \
+             - match: \"^(.+)$\"\n    target: \"sip:$1@127.0.0.1:{}\"\n",
+            clean_callee.addr().port(),
+            garbled_callee.addr().port()
+        ),
+    );
+    let probe = SipClient::new();
+    let mut caller = Caller {
+        client: SipClient::new(),
+        pbx: pbx.sip_addr(),
+        answered: Vec::new(),
+        last_invite: String::new(),
+        media: (0..3)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind"))
+            .collect(),
+        cseq: 1,
+    };
+
+    for n in 0..MESSAGES {
+        let message = caller.next_message(&mut rng, n);
+        let message = if rng.random_bool(0.85) {
+            garble(&mut rng, &message)
+        } else {
+            message
+        };
+        caller.client.send(&message, pbx.sip_addr());
+        caller.read_responses(&mut rng);
+        answer_requests(&mut rng, &garbled_callee, pbx.sip_addr());
+        if n % PROBE_EVERY == PROBE_EVERY - 1 {
+            if let Ok(Some(status)) = pbx.child.try_wait() {
+                panic!(
+                    "seed {seed}: the PBX exited with {status} after {n} messages:\n{}",
+                    pbx.log()
+                );
+            }
+            probe.send(
+                &options(pbx.sip_addr(), probe.addr(), "probe"),
+                pbx.sip_addr(),
+            );
+            assert_eq!(
+                probe.final_response(LIMIT).map(|(code, _)| code),
+                Some(200),
+                "seed {seed}: OPTIONS after {n} garbled messages"
+            );
+        }
+    }
+    assert!(
+        caller.answered.len() > 5,
+        "seed {seed}: too few calls got answered to reach in-dialog requests and media"
+    );
+
+    let call = establish(&pbx, &clean_callee, "0 8 101", "after-the-garbage").expect("answered");
+    for seq in 0..20u16 {
+        call.a
+            .0
+            .send_to(&rtp(seq, 0xA0), call.to_pbx_from_a)
+            .expect("send");
+        let (got, _) = receive(&call.b.0).expect("RTP at the callee");
+        assert_eq!(got, rtp(seq, 0xA0), "payload intact");
+        call.b
+            .0
+            .send_to(&rtp(seq, 0xB0), call.to_pbx_from_b)
+            .expect("send");
+        let (got, _) = receive(&call.a.0).expect("RTP at the caller");
+        assert_eq!(got, rtp(seq, 0xB0), "payload intact");
+    }
+    let log = pbx.log();
+    assert!(!log.contains("panicked"), "seed {seed}:\n{log}");
+    assert!(
+        pbx.child.try_wait().is_ok_and(|s| s.is_none()),
+        "still running"
+    );
+}
