@@ -111,7 +111,8 @@ pub fn establish<'a>(
     if let Some(code) = status_code(&invite_at_b) {
         return Err(code);
     }
-    let to_pbx_from_b = sdp_audio_target(&invite_at_b).expect("SDP in the callee's INVITE");
+    let to_pbx_from_b = sdp_audio_target(&invite_at_b)
+        .unwrap_or_else(|| panic!("no SDP in the callee's INVITE:\n{invite_at_b}"));
     callee.send(
         &response_to(
             &invite_at_b,

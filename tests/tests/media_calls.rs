@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use sip_pbx_e2e::media::{establish, media_pair, receive, rtp, Call};
 use sip_pbx_e2e::{
-    audio_sdp, io_uring_available, open_file_limit, response_to, sdp_audio_target, status_code,
-    wait_until, without_io_uring, Pbx, SipClient,
+    audio_sdp, header, io_uring_available, open_file_limit, response_to, sdp_audio_target,
+    status_code, wait_until, without_io_uring, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -188,6 +188,43 @@ fn hold_and_move(config: &str) {
         .expect("send");
     let (got, _) = receive(&moved).expect("RTP at the caller's new port");
     assert_eq!(got, rtp(7, 0xB0));
+}
+
+/// SDP wrapped in another body type (multipart, as SIP-I trunks send)
+/// cannot be rewritten: relayed, it would give the caller the callee's own
+/// address. The 200 to a re-INVITE reaches the caller without it.
+#[test]
+fn an_answer_in_a_body_that_is_not_sdp_is_not_relayed() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let call = establish(&pbx, &callee, "0 101", "multipart-1").expect("answered");
+    let offer = audio_sdp(call.a.0.local_addr().expect("addr").port(), "0 101");
+    call.caller
+        .send(&call.request("INVITE", 2, Some(&offer)), call.pbx);
+    let reinvite = call.callee.expect_request("INVITE");
+    let callee_port = call.b.0.local_addr().expect("addr").port();
+    let multipart = format!(
+        "--x\r\nContent-Type: application/sdp\r\n\r\n{}\r\n--x--\r\n",
+        audio_sdp(callee_port, "0 101")
+    );
+    let ok = String::from_utf8_lossy(&response_to(
+        &reinvite,
+        "200 OK",
+        call.callee.addr(),
+        Some(&multipart),
+    ))
+    .replace(
+        "application/sdp\r\nContent-Length",
+        "multipart/mixed;boundary=x\r\nContent-Length",
+    );
+    call.callee.send(ok.as_bytes(), call.pbx);
+    let (code, ok_at_a) = call.caller.final_response(LIMIT).expect("200 to re-INVITE");
+    assert_eq!(code, 200);
+    assert!(
+        !ok_at_a.contains(&format!("m=audio {callee_port}")),
+        "the callee's address reached the caller: {ok_at_a}"
+    );
+    assert_eq!(header(&ok_at_a, "Content-Length"), Some("0"), "{ok_at_a}");
 }
 
 #[test]

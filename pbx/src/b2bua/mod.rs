@@ -857,7 +857,7 @@ impl B2bua {
         if let Err(refusal) = check_require(&request) {
             return refuse(txl, tx, &request, refusal, now);
         }
-        if matches!(method, Method::Invite | Method::Update | Method::Prack) {
+        if carries_offer_answer(&method) {
             if let Err(refusal) = check_body(&request) {
                 return refuse(txl, tx, &request, refusal, now);
             }
@@ -989,8 +989,15 @@ impl B2bua {
                 Err(e) => tracing::warn!(call = relay.call, error = %e, "SDP not relayed"),
             }
         } else if !response.body.is_empty() {
-            let ct = response.headers.get("Content-Type").map(str::to_string);
-            relayed.set_body(ct.as_deref(), response.body.clone());
+            if relay.request.method().is_some_and(carries_offer_answer) {
+                // As for requests (415), only SDP answers an offer here:
+                // another body may carry the far end's own addresses, which
+                // the PBX cannot rewrite.
+                tracing::debug!(call = relay.call, "response body that is not SDP dropped");
+            } else {
+                let ct = response.headers.get("Content-Type").map(str::to_string);
+                relayed.set_body(ct.as_deref(), response.body.clone());
+            }
         }
         if relay.request.method() == Some(&Method::Invite) && (200..300).contains(&code) {
             call.awaited_ack = Some(AwaitedAck {
@@ -1222,6 +1229,12 @@ fn outcome(code: u16, end_reason: Option<EndReason>) -> Outcome {
         sip_code: code,
         end_reason,
     }
+}
+
+/// Methods whose bodies take part in the SDP offer/answer (RFC 3264, 3311,
+/// 3262).
+fn carries_offer_answer(method: &Method) -> bool {
+    matches!(method, Method::Invite | Method::Update | Method::Prack)
 }
 
 fn media_error_code(error: &MediaError) -> u16 {
