@@ -67,6 +67,33 @@ impl Call<'_> {
         caller_request(method, &self.ok_at_a, self.caller.addr(), cseq, sdp)
     }
 
+    /// One RTP packet each way through the call's relay: each arrives with
+    /// its payload intact, from the PBX's port of the other leg.
+    pub fn exchange(&self, seq: u16) {
+        let legs = [
+            (
+                &self.a,
+                self.to_pbx_from_a,
+                &self.b,
+                self.to_pbx_from_b,
+                0xA0,
+            ),
+            (
+                &self.b,
+                self.to_pbx_from_b,
+                &self.a,
+                self.to_pbx_from_a,
+                0xB0,
+            ),
+        ];
+        for (from, to, at, relayed_from, marker) in legs {
+            from.0.send_to(&rtp(seq, marker), to).expect("send");
+            let (got, source) = receive(&at.0).expect("RTP through the relay");
+            assert_eq!(got, rtp(seq, marker), "payload intact");
+            assert_eq!(source, relayed_from, "from the PBX's port of that leg");
+        }
+    }
+
     /// An in-dialog request from the callee, built from the INVITE it
     /// answered.
     pub fn callee_request(&self, method: &str, cseq: u32, sdp: Option<&str>) -> Vec<u8> {

@@ -91,19 +91,7 @@ fn relay_carries_rtp_and_rtcp_but_not_strangers(pbx: &Pbx, callee: &SipClient) {
     assert!(call.invite_at_b.contains("c=IN IP4 127.0.0.1"));
 
     for seq in 0..50u16 {
-        call.a
-            .0
-            .send_to(&rtp(seq, 0xA0), call.to_pbx_from_a)
-            .expect("send");
-        let (got, from) = receive(&call.b.0).expect("RTP at the callee");
-        assert_eq!(got, rtp(seq, 0xA0), "payload intact");
-        assert_eq!(from, call.to_pbx_from_b, "from the PBX's B-leg port");
-        call.b
-            .0
-            .send_to(&rtp(seq, 0xB0), call.to_pbx_from_b)
-            .expect("send");
-        let (got, _) = receive(&call.a.0).expect("RTP at the caller");
-        assert_eq!(got, rtp(seq, 0xB0));
+        call.exchange(seq);
     }
     let rtcp_to = SocketAddr::new(call.to_pbx_from_a.ip(), call.to_pbx_from_a.port() + 1);
     call.a
@@ -188,6 +176,48 @@ fn hold_and_move(config: &str) {
         .expect("send");
     let (got, _) = receive(&moved).expect("RTP at the caller's new port");
     assert_eq!(got, rtp(7, 0xB0));
+}
+
+/// Hold and resume by UPDATE (RFC 3311): the relay ports stay the same,
+/// media flows again after the resume, and a call held in silence for
+/// longer than rtp_timeout is not hung up.
+#[test]
+fn hold_and_resume_by_update_keep_the_call_and_its_media() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(
+        callee.addr().port(),
+        "media:\n  mode: bypass\n  port_pool: {start: 35000, end: 35999}\n  rtp_timeout: 1\n",
+    );
+    let call = establish(&pbx, &callee, "0 101", "update-hold-1").expect("answered");
+    call.exchange(1);
+    let a_port = call.a.0.local_addr().expect("addr").port();
+    let b_port = call.b.0.local_addr().expect("addr").port();
+    for (cseq, direction) in [(2, "a=inactive"), (3, "a=sendrecv")] {
+        let offer = audio_sdp(a_port, "0 101").replace("a=sendrecv", direction);
+        call.caller
+            .send(&call.request("UPDATE", cseq, Some(&offer)), call.pbx);
+        let update = call.callee.expect_request("UPDATE");
+        assert!(update.contains(direction), "{update}");
+        assert_eq!(sdp_audio_target(&update), Some(call.to_pbx_from_b));
+        let answer = audio_sdp(b_port, "0 101").replace("a=sendrecv", direction);
+        call.callee.send(
+            &response_to(&update, "200 OK", call.callee.addr(), Some(&answer)),
+            call.pbx,
+        );
+        let (code, ok) = call.caller.final_response(LIMIT).expect("200 to UPDATE");
+        assert_eq!(code, 200, "{ok}");
+        assert!(ok.contains(direction), "{ok}");
+        assert_eq!(sdp_audio_target(&ok), Some(call.to_pbx_from_a));
+        if direction == "a=inactive" {
+            assert_eq!(
+                call.callee.recv(Duration::from_secs(3)),
+                None,
+                "a call on hold was hung up for its silence"
+            );
+        }
+    }
+    call.exchange(2);
+    hang_up(&call);
 }
 
 /// SDP wrapped in another body type (multipart, as SIP-I trunks send)
