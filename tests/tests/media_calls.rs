@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use sip_pbx_e2e::media::{establish, media_pair, receive, rtp, Call};
 use sip_pbx_e2e::{
-    audio_sdp, header, io_uring_available, open_file_limit, response_to, sdp_audio_target,
-    status_code, wait_until, without_io_uring, Pbx, SipClient,
+    audio_sdp, caller_request, header, invite, io_uring_available, open_file_limit, response_to,
+    sdp_audio_target, status_code, wait_until, without_io_uring, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -218,6 +218,146 @@ fn hold_and_resume_by_update_keep_the_call_and_its_media() {
     }
     call.exchange(2);
     hang_up(&call);
+}
+
+/// A call set up without an offer in the INVITE: the callee offers in its
+/// 200 and the caller answers in the ACK (RFC 3264 late offer). Both go
+/// through the relay, and media flows both ways.
+#[test]
+fn late_offer_in_the_200_and_answer_in_the_ack_are_relayed() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let caller = SipClient::new();
+    let (a, b) = (media_pair(), media_pair());
+    caller.send(
+        &invite(pbx.sip_addr(), "1002", caller.addr(), "late-1", None),
+        pbx.sip_addr(),
+    );
+    let invite_at_b = callee.expect_request("INVITE");
+    assert!(!invite_at_b.contains("m=audio"), "{invite_at_b}");
+    let b_port = b.0.local_addr().expect("addr").port();
+    callee.send(
+        &response_to(
+            &invite_at_b,
+            "200 OK",
+            callee.addr(),
+            Some(&audio_sdp(b_port, "0 101")),
+        ),
+        pbx.sip_addr(),
+    );
+    let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");
+    assert_eq!(code, 200, "{ok_at_a}");
+    let to_pbx_from_a = sdp_audio_target(&ok_at_a).expect("the PBX's offer");
+    assert_ne!(
+        to_pbx_from_a.port(),
+        b_port,
+        "the callee's own port reached the caller"
+    );
+    let a_port = a.0.local_addr().expect("addr").port();
+    caller.send(
+        &caller_request(
+            "ACK",
+            &ok_at_a,
+            caller.addr(),
+            1,
+            Some(&audio_sdp(a_port, "0")),
+        ),
+        pbx.sip_addr(),
+    );
+    let ack = callee.expect_request("ACK");
+    let to_pbx_from_b = sdp_audio_target(&ack).expect("the answer in the ACK");
+    assert_ne!(
+        to_pbx_from_b.port(),
+        a_port,
+        "the caller's own port reached the callee"
+    );
+    let call = Call {
+        caller,
+        callee: &callee,
+        a,
+        b,
+        to_pbx_from_a,
+        to_pbx_from_b,
+        invite_at_b,
+        ok_at_a,
+        pbx: pbx.sip_addr(),
+    };
+    call.exchange(1);
+    hang_up(&call);
+}
+
+/// A reliable 183 answers the caller's offer; the caller's PRACK then
+/// offers a new port (RFC 3262). The relay keeps its ports and sends the
+/// callee's early media to the new one.
+#[test]
+fn a_new_offer_in_prack_moves_early_media() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let caller = SipClient::new();
+    let (a, b) = (media_pair(), media_pair());
+    let a_port = a.0.local_addr().expect("addr").port();
+    let b_port = b.0.local_addr().expect("addr").port();
+    let offer = invite(
+        pbx.sip_addr(),
+        "1002",
+        caller.addr(),
+        "prack-1",
+        Some(&audio_sdp(a_port, "0 101")),
+    );
+    let offer = String::from_utf8_lossy(&offer)
+        .replace("Content-Type:", "Supported: 100rel\r\nContent-Type:");
+    caller.send(offer.as_bytes(), pbx.sip_addr());
+    let invite_at_b = callee.expect_request("INVITE");
+    let to_pbx_from_b = sdp_audio_target(&invite_at_b).expect("the PBX's offer");
+    let progress = String::from_utf8_lossy(&response_to(
+        &invite_at_b,
+        "183 Session Progress",
+        callee.addr(),
+        Some(&audio_sdp(b_port, "0 101")),
+    ))
+    .replace("Contact:", "Require: 100rel\r\nRSeq: 1\r\nContact:");
+    callee.send(progress.as_bytes(), pbx.sip_addr());
+    let (code, progress_at_a) = caller.final_response(LIMIT).expect("183");
+    assert_eq!(code, 183, "{progress_at_a}");
+    let to_pbx_from_a = sdp_audio_target(&progress_at_a).expect("the PBX's answer");
+
+    let (moved, _) = media_pair();
+    let moved_port = moved.local_addr().expect("addr").port();
+    let prack = String::from_utf8_lossy(&caller_request(
+        "PRACK",
+        &progress_at_a,
+        caller.addr(),
+        2,
+        Some(&audio_sdp(moved_port, "0 101")),
+    ))
+    .replace("Contact:", "RAck: 1 1 INVITE\r\nContact:");
+    caller.send(prack.as_bytes(), pbx.sip_addr());
+    let prack_at_b = callee.expect_request("PRACK");
+    assert_eq!(
+        sdp_audio_target(&prack_at_b),
+        Some(to_pbx_from_b),
+        "same relay port"
+    );
+    callee.send(
+        &response_to(
+            &prack_at_b,
+            "200 OK",
+            callee.addr(),
+            Some(&audio_sdp(b_port, "0 101")),
+        ),
+        pbx.sip_addr(),
+    );
+    let (code, prack_ok) = caller.final_response(LIMIT).expect("200 to PRACK");
+    assert_eq!(code, 200, "{prack_ok}");
+    assert_eq!(
+        sdp_audio_target(&prack_ok),
+        Some(to_pbx_from_a),
+        "same relay port"
+    );
+
+    b.0.send_to(&rtp(1, 0xB0), to_pbx_from_b).expect("send");
+    let (got, _) = receive(&moved).expect("early media at the caller's new port");
+    assert_eq!(got, rtp(1, 0xB0));
 }
 
 /// SDP wrapped in another body type (multipart, as SIP-I trunks send)
