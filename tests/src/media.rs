@@ -140,17 +140,7 @@ pub fn establish<'a>(
     }
     let to_pbx_from_b = sdp_audio_target(&invite_at_b)
         .unwrap_or_else(|| panic!("no SDP in the callee's INVITE:\n{invite_at_b}"));
-    callee.send(
-        &response_to(
-            &invite_at_b,
-            "200 OK",
-            callee.addr(),
-            Some(&audio_sdp(b_port, "0 101")),
-        ),
-        pbx.sip_addr(),
-    );
-    let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");
-    assert_eq!(code, 200, "{ok_at_a}");
+    let ok_at_a = answer(pbx, callee, &caller, &invite_at_b, b_port);
     let to_pbx_from_a = sdp_audio_target(&ok_at_a).expect("SDP in the 200");
     let call = Call {
         caller,
@@ -166,4 +156,27 @@ pub fn establish<'a>(
     call.caller.send(&call.request("ACK", 1, None), call.pbx);
     call.callee.expect_request("ACK");
     Ok(call)
+}
+
+/// The callee answers `invite_at_b` 200 with SDP for its RTP port `b_port`:
+/// the 200 as the caller received it.
+pub fn answer(
+    pbx: &Pbx,
+    callee: &SipClient,
+    caller: &SipClient,
+    invite_at_b: &str,
+    b_port: u16,
+) -> String {
+    callee.send(
+        &response_to(
+            invite_at_b,
+            "200 OK",
+            callee.addr(),
+            Some(&audio_sdp(b_port, "0 101")),
+        ),
+        pbx.sip_addr(),
+    );
+    let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");
+    assert_eq!(code, 200, "{ok_at_a}");
+    ok_at_a
 }

@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use sip_pbx_e2e::media::{establish, media_pair, receive, rtp, Call};
+use sip_pbx_e2e::media::{answer, establish, media_pair, receive, rtp, Call};
 use sip_pbx_e2e::{
     audio_sdp, caller_request, header, invite, io_uring_available, open_file_limit, response_to,
     sdp_audio_target, status_code, wait_until, without_io_uring, Pbx, SipClient,
@@ -236,17 +236,7 @@ fn late_offer_in_the_200_and_answer_in_the_ack_are_relayed() {
     let invite_at_b = callee.expect_request("INVITE");
     assert!(!invite_at_b.contains("m=audio"), "{invite_at_b}");
     let b_port = b.0.local_addr().expect("addr").port();
-    callee.send(
-        &response_to(
-            &invite_at_b,
-            "200 OK",
-            callee.addr(),
-            Some(&audio_sdp(b_port, "0 101")),
-        ),
-        pbx.sip_addr(),
-    );
-    let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");
-    assert_eq!(code, 200, "{ok_at_a}");
+    let ok_at_a = answer(&pbx, &callee, &caller, &invite_at_b, b_port);
     let to_pbx_from_a = sdp_audio_target(&ok_at_a).expect("the PBX's offer");
     assert_ne!(
         to_pbx_from_a.port(),
