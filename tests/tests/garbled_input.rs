@@ -6,7 +6,8 @@
 //! (`GARBLE_SEED`), but what it does next depends on what the PBX has
 //! answered by then, so a seed repeats a run only roughly.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -325,12 +326,30 @@ fn answer_requests(rng: &mut StdRng, callee: &SipClient, pbx: SocketAddr) {
     }
 }
 
-#[test]
-fn garbled_sip_sdp_and_rtp_from_both_sides_never_stop_the_pbx() {
-    let seed = std::env::var("GARBLE_SEED")
+fn seed() -> u64 {
+    std::env::var("GARBLE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4475);
+        .unwrap_or(4475)
+}
+
+/// A caller with no dialogs yet: INVITEs, REGISTERs, OPTIONS and CANCELs.
+fn new_caller(pbx: SocketAddr) -> Caller {
+    Caller {
+        client: SipClient::new(),
+        pbx,
+        answered: Vec::new(),
+        last_invite: String::new(),
+        media: (0..3)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind"))
+            .collect(),
+        cseq: 1,
+    }
+}
+
+#[test]
+fn garbled_sip_sdp_and_rtp_from_both_sides_never_stop_the_pbx() {
+    let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let garbled_callee = SipClient::new();
     let clean_callee = SipClient::new();
@@ -347,16 +366,7 @@ fn garbled_sip_sdp_and_rtp_from_both_sides_never_stop_the_pbx() {
         ),
     );
     let probe = SipClient::new();
-    let mut caller = Caller {
-        client: SipClient::new(),
-        pbx: pbx.sip_addr(),
-        answered: Vec::new(),
-        last_invite: String::new(),
-        media: (0..3)
-            .map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind"))
-            .collect(),
-        cseq: 1,
-    };
+    let mut caller = new_caller(pbx.sip_addr());
 
     for n in 0..MESSAGES {
         let message = caller.next_message(&mut rng, n);
@@ -401,4 +411,97 @@ fn garbled_sip_sdp_and_rtp_from_both_sides_never_stop_the_pbx() {
         pbx.child.try_wait().is_ok_and(|s| s.is_none()),
         "still running"
     );
+}
+
+/// The same over TCP, where framing is the stream's: each garbled message
+/// goes out in random pieces on one connection, opened again whenever the
+/// PBX closes it; every 100 messages a new connection must get its OPTIONS
+/// answered.
+#[test]
+fn garbled_sip_over_tcp_never_stops_the_pbx() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let callee = SipClient::new();
+    let mut pbx = Pbx::start(callee.addr().port(), "");
+    let mut caller = new_caller(pbx.sip_addr());
+    let mut stream: Option<TcpStream> = None;
+    for n in 0..1000 {
+        let message = caller.next_message(&mut rng, n);
+        let message = garble(&mut rng, &message);
+        let connection = match stream.take() {
+            Some(connection) => connection,
+            None => TcpStream::connect(pbx.sip_addr()).expect("TCP connect"),
+        };
+        if send_in_pieces(&mut rng, &connection, &message) && still_open(&connection) {
+            stream = Some(connection);
+        }
+        while callee.try_recv().is_some() {}
+        if n % 100 == 99 {
+            assert!(
+                tcp_options_answered(pbx.sip_addr()),
+                "seed {seed}: OPTIONS over TCP after {n} garbled messages:\n{}",
+                pbx.log()
+            );
+        }
+    }
+    assert!(
+        pbx.child.try_wait().is_ok_and(|s| s.is_none()),
+        "still running"
+    );
+    let log = pbx.log();
+    assert!(!log.contains("panicked"), "seed {seed}:\n{log}");
+}
+
+/// Writes `message` in one to four pieces; false once the PBX has closed
+/// the connection.
+fn send_in_pieces(rng: &mut StdRng, mut connection: &TcpStream, message: &[u8]) -> bool {
+    let mut rest = message;
+    for _ in 0..rng.random_range(0..4) {
+        let (piece, after) = rest.split_at(rng.random_range(0..=rest.len()));
+        if connection.write_all(piece).is_err() {
+            return false;
+        }
+        rest = after;
+    }
+    connection.write_all(rest).is_ok()
+}
+
+/// Reads what the PBX has answered so far; false once it has closed the
+/// connection.
+fn still_open(mut connection: &TcpStream) -> bool {
+    connection.set_nonblocking(true).expect("non-blocking");
+    let mut buf = [0u8; 65_536];
+    let open = loop {
+        match connection.read(&mut buf) {
+            Ok(0) => break false,
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+            Err(_) => break false,
+        }
+    };
+    connection.set_nonblocking(false).expect("blocking");
+    open
+}
+
+/// A clean OPTIONS on a new TCP connection gets 200.
+fn tcp_options_answered(pbx: SocketAddr) -> bool {
+    let Ok(mut connection) = TcpStream::connect(pbx) else {
+        return false;
+    };
+    let me = connection.local_addr().expect("addr");
+    let request = String::from_utf8_lossy(&options(pbx, me, "tcp-probe"))
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    connection.set_read_timeout(Some(LIMIT)).expect("timeout");
+    if connection.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(len @ 1..) = connection.read(&mut buf) {
+        received.extend_from_slice(&buf[..len]);
+        if received.starts_with(b"SIP/2.0 200") {
+            return true;
+        }
+    }
+    false
 }
