@@ -542,8 +542,11 @@ impl SipClient {
     }
 
     pub fn bind(addr: SocketAddr) -> SipClient {
-        let socket = UdpSocket::bind(addr).expect("bind SIP client");
-        SipClient { socket }
+        Self::try_bind(addr).expect("bind SIP client")
+    }
+
+    pub fn try_bind(addr: SocketAddr) -> std::io::Result<SipClient> {
+        UdpSocket::bind(addr).map(|socket| SipClient { socket })
     }
 
     pub fn addr(&self) -> SocketAddr {

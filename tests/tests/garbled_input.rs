@@ -339,12 +339,11 @@ fn seed() -> u64 {
 /// never names one of the test's own sockets, which the PBX would then
 /// answer.
 fn new_caller(pbx: SocketAddr) -> Caller {
-    let address = (2000..10_000)
-        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
-        .find(|address| UdpSocket::bind(address).is_ok())
+    let client = (2000..10_000)
+        .find_map(|port| SipClient::try_bind(SocketAddr::from(([127, 0, 0, 1], port))).ok())
         .expect("a free port below 10000");
     Caller {
-        client: SipClient::bind(address),
+        client,
         pbx,
         answered: Vec::new(),
         last_invite: String::new(),
