@@ -26,6 +26,11 @@ const PROBE_EVERY: usize = 250;
 /// The PBX's port pool: garbage media goes only there, never to a test's
 /// own sockets.
 const POOL: std::ops::RangeInclusive<u16> = 10_000..=19_999;
+/// The media ports the garbled SDP names (where the relay sends what it
+/// forwards): nobody listens there, and they lie below the ephemeral range
+/// so that they never name one of the test's own sockets.
+const CALLER_MEDIA: u16 = 20_000;
+const CALLEE_MEDIA: u16 = 26_000;
 /// How long the caller waits for the PBX to answer what it sent before
 /// sending more: garbage the PBX drops gets no answer.
 const REPLY: Duration = Duration::from_millis(10);
@@ -214,7 +219,8 @@ struct Caller {
     answered: Vec<String>,
     /// The last INVITE sent, for CANCEL.
     last_invite: String,
-    /// Sends the garbage media, from one address and then others.
+    /// Send the garbage media, each time from one of them: the first to
+    /// reach a port latches it, and the others are strangers there.
     media: Vec<UdpSocket>,
     cseq: u32,
 }
@@ -223,7 +229,7 @@ impl Caller {
     fn next_message(&mut self, rng: &mut StdRng, n: usize) -> Vec<u8> {
         let me = self.client.addr();
         let call_id = format!("garbled-{n}");
-        let sdp = rich_sdp(40_000 + 6 * u16::try_from(n % 1000).unwrap_or(0));
+        let sdp = rich_sdp(CALLER_MEDIA + 6 * u16::try_from(n % 1000).unwrap_or(0));
         self.cseq += 1;
         let dialog = self.answered.choose(rng).cloned();
         let kind = match (rng.random_range(0..10), &dialog) {
@@ -303,7 +309,7 @@ fn answer_requests(rng: &mut StdRng, callee: &SipClient, pbx: SocketAddr) {
         if request.starts_with("ACK ") || status_code(&request).is_some() {
             continue;
         }
-        let sdp = rich_sdp(50_000 + 2 * rng.random_range(0..1000u16));
+        let sdp = rich_sdp(CALLEE_MEDIA + 2 * rng.random_range(0..1000u16));
         let (status, body) = if request.starts_with("INVITE ") {
             [
                 ("180 Ringing", None),
