@@ -577,17 +577,24 @@ impl SipClient {
         Some(String::from_utf8_lossy(&buf[..len]).into_owned())
     }
 
-    /// The next response that is not 100 Trying, as (code, text).
-    pub fn final_response(&self, limit: Duration) -> Option<(u16, String)> {
+    /// The next datagram that `wanted` picks, past any others (stray
+    /// datagrams, retransmissions, provisional responses), or None after
+    /// `limit`.
+    pub fn recv_matching(&self, limit: Duration, wanted: impl Fn(&str) -> bool) -> Option<String> {
         let deadline = Instant::now() + limit;
-        while let Some(remaining) = deadline.checked_duration_since(Instant::now()) {
-            let text = self.recv(remaining)?;
-            let code = status_code(&text);
-            if code != Some(100) {
-                return code.map(|c| (c, text));
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let text = self.recv(left)?;
+            if wanted(&text) {
+                return Some(text);
             }
         }
         None
+    }
+
+    /// The next response that is not 100 Trying, as (code, text).
+    pub fn final_response(&self, limit: Duration) -> Option<(u16, String)> {
+        let text = self.recv_matching(limit, |text| status_code(text) != Some(100))?;
+        status_code(&text).map(|code| (code, text))
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -498,15 +498,10 @@ fn still_open(mut connection: &TcpStream) -> bool {
 /// garbled messages sent its way (a bit flipped in a port can name it).
 fn probe_answer(probe: &SipClient, pbx: SocketAddr) -> Option<String> {
     probe.send(&options(pbx, probe.addr(), "probe"), pbx);
-    let deadline = Instant::now() + LIMIT;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let text = probe.recv(left)?;
-        let ours = header(&text, "Call-ID").is_some_and(|id| id.starts_with("probe"));
-        if ours && status_code(&text).is_some() {
-            return Some(text);
-        }
-    }
-    None
+    probe.recv_matching(LIMIT, |text| {
+        let ours = header(text, "Call-ID").is_some_and(|id| id.starts_with("probe"));
+        ours && status_code(text).is_some()
+    })
 }
 
 /// What a new TCP connection receives for a clean OPTIONS, or why nothing.

@@ -578,12 +578,9 @@ fn requests_crossing_the_pbxs_bye_get_481() {
 /// The next message at `client` that `wanted` picks, past retransmissions
 /// and provisional responses.
 fn next(client: &SipClient, what: &str, wanted: impl Fn(&str) -> bool) -> String {
-    let mut found = None;
-    wait_until(LIMIT, what, || {
-        found = client.recv(LIMIT).filter(|m| wanted(m));
-        found.is_some()
-    });
-    found.unwrap_or_default()
+    client
+        .recv_matching(LIMIT, wanted)
+        .unwrap_or_else(|| panic!("no {what} within {LIMIT:?}"))
 }
 
 /// Two seconds of a PCMU tone as a WAV file (format 7: G.711 mu-law).
