@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -38,15 +39,56 @@ pub fn pbx_binary() -> PathBuf {
     binary("sip-pbx", "sip-pbx")
 }
 
-/// A port free on 127.0.0.1 for both UDP and TCP (and its RTCP-like neighbour).
+/// An even port, free with its odd neighbour (an RTCP port, baresip's TLS
+/// port) on every address for both UDP and TCP.
 pub fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let port = udp.local_addr().expect("addr").port();
-        if port < 65_000 && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+    free_ports(2)
+}
+
+/// The first of `count` consecutive ports (an even one), all free on every
+/// address for both UDP and TCP: for a peer that binds a run of ports, as
+/// SIPp's RTP echo does (its port and the one two above).
+///
+/// The ports lie above the kernel's ephemeral range and each test process
+/// walks them with its own cursor: a port handed out here is never the one
+/// that a socket bound to port 0 (a `SipClient`, SIPp's media) or a test
+/// running in parallel takes before its user binds it.
+pub fn free_ports(count: u16) -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let ports = port_range_for_tests();
+    let step = usize::from(count.next_multiple_of(2));
+    let span = ports.len() - ports.len() % step;
+    let start = std::process::id() as usize * 7919 * step;
+    (0..span / step)
+        .map(|_| {
+            let offset = (start + NEXT.fetch_add(step, Ordering::Relaxed)) % span;
+            ports.start + offset as u16
+        })
+        .find(|&first| {
+            (first..first + count).all(|p| {
+                UdpSocket::bind(("0.0.0.0", p)).is_ok() && TcpListener::bind(("0.0.0.0", p)).is_ok()
+            })
+        })
+        .expect("free ports above the ephemeral range")
+}
+
+/// The even-aligned ports between the end of the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`) and 65000.
+fn port_range_for_tests() -> std::ops::Range<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("read net.ipv4.ip_local_port_range");
+    let last_ephemeral: u16 = range
+        .split_whitespace()
+        .nth(1)
+        .and_then(|hi| hi.parse().ok())
+        .expect("net.ipv4.ip_local_port_range holds two ports");
+    let start = (last_ephemeral + 2) & !1;
+    assert!(
+        start + 1000 <= 65_000,
+        "the tests need 1000 ports above the ephemeral range, which ends at {last_ephemeral}: \
+         lower net.ipv4.ip_local_port_range"
+    );
+    start..65_000
 }
 
 /// Polls `check` until it holds or `limit` passes.

@@ -19,20 +19,9 @@ pub const LIMIT: Duration = Duration::from_secs(20);
 /// Sample rate of the phones' audio files (that of G.711).
 pub const RATE: u32 = crate::WAV_RATE;
 
-/// Where the phones take their RTP ports: below the ephemeral ports that
-/// [`free_port`] hands out and apart from the PBX port pools of the tests.
+/// Where the phones take their RTP ports: below the ephemeral range, apart
+/// from the ports [`free_port`] hands out and the PBX port pools of the tests.
 pub const RTP_PORTS: &str = "26000-29999";
-
-/// A SIP port for baresip: it listens on UDP and TCP there and on TLS at
-/// the port above, so both must be free.
-fn sip_port() -> u16 {
-    loop {
-        let port = free_port();
-        if std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-}
 
 /// One `baresip`, killed when dropped.
 pub struct Softphone {
@@ -53,7 +42,7 @@ impl Softphone {
     /// receives; it has no account until [`Softphone::register`].
     pub fn start(name: &str, source: &[u8]) -> Softphone {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (sip_port, ctrl_port) = (sip_port(), free_port());
+        let (sip_port, ctrl_port) = (free_port(), free_port());
         let path = dir.path();
         std::fs::write(path.join("source.wav"), source).expect("source WAV");
         // net_interface keeps SIP and SDP addresses on loopback; aufile

@@ -595,7 +595,7 @@ fn tone_wav() -> Vec<u8> {
 fn sipp_rtp_stream_is_echoed_back_through_the_relay() {
     let uas_port = sip_pbx_e2e::free_port();
     let pbx = Pbx::start(uas_port, &bypass(""));
-    let echo_port = sip_pbx_e2e::free_port() & !1;
+    let echo_port = sip_pbx_e2e::free_ports(4);
     let uas = sip_pbx_e2e::Sipp::new("uas_answer.xml", uas_port)
         .args(["-m", "1", "-rtp_echo", "-mp", &echo_port.to_string()])
         .spawn(uas_port);
@@ -607,7 +607,7 @@ fn sipp_rtp_stream_is_echoed_back_through_the_relay() {
             "-s",
             "1002",
             "-mp",
-            &(sip_pbx_e2e::free_port() & !1).to_string(),
+            &sip_pbx_e2e::free_ports(4).to_string(),
         ])
         .arg(pbx.sip_addr().to_string())
         .run();
