@@ -3,7 +3,6 @@
 //! collection) on loopback, started once per test binary. No kubelet: pods
 //! stay Pending until a test patches their status.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, OnceLock};
@@ -58,11 +57,6 @@ pub fn bin_dir() -> PathBuf {
     std::env::var_os("SIP_PBX_K8S_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/sip-pbx-k8s/bin"))
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
 }
 
 pub fn spawn(
@@ -128,7 +122,11 @@ fn launch() -> Result<(Cluster, Vec<Child>), String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let d = |name: &str| dir.join(name).display().to_string();
 
-    let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+    let (etcd_port, peer_port, api_port) = (
+        sip_pbx_e2e::free_port(),
+        sip_pbx_e2e::free_port(),
+        sip_pbx_e2e::free_port(),
+    );
     let etcd_url = format!("http://127.0.0.1:{etcd_port}");
     let peer_url = format!("http://127.0.0.1:{peer_port}");
     let mut children = vec![spawn(

@@ -23,6 +23,7 @@ use kube::api::{
 };
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
+use sip_pbx_e2e::free_port;
 use sip_pbx_operator::crd::SipPbx;
 use sip_pbx_operator::objects::config_hash;
 
@@ -60,10 +61,7 @@ impl Operator {
         let kubeconfig = c
             .kubeconfig(&format!("operator-{ns}-{identity}"), &token)
             .expect("kubeconfig");
-        let metrics_port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-            l.local_addr().expect("addr").port()
-        };
+        let metrics_port = free_port();
         let log = c.dir.join(format!("operator-{ns}-{identity}.log"));
         let args: Vec<String> = [
             "run",
@@ -231,11 +229,6 @@ async fn ready_pods(
         fakes.push((pod.name_any(), fake));
     }
     fakes
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-    l.local_addr().expect("addr").port()
 }
 
 async fn events(client: &Client, ns: &str) -> Vec<String> {
