@@ -387,6 +387,64 @@ fn an_answer_in_a_body_that_is_not_sdp_is_not_relayed() {
     assert_eq!(header(&ok_at_a, "Content-Length"), Some("0"), "{ok_at_a}");
 }
 
+/// The callee answers with SDP the relay cannot use: the call would have
+/// no media, so it fails with 502 to the caller, the callee's 200 is
+/// acknowledged and hung up with the reason, and its ports come back.
+#[test]
+fn an_answer_whose_sdp_cannot_be_relayed_fails_the_call_with_502() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let caller = SipClient::new();
+    let a = media_pair();
+    let offer = audio_sdp(a.0.local_addr().expect("addr").port(), "0");
+    caller.send(
+        &invite(
+            pbx.sip_addr(),
+            "1002",
+            caller.addr(),
+            "bad-answer-1",
+            Some(&offer),
+        ),
+        pbx.sip_addr(),
+    );
+    let invite_at_b = callee.expect_request("INVITE");
+    let unparsable = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+                      m=audio twenty RTP/AVP 0\r\n";
+    callee.send(
+        &response_to(&invite_at_b, "200 OK", callee.addr(), Some(unparsable)),
+        pbx.sip_addr(),
+    );
+    let (code, refusal) = caller.final_response(LIMIT).expect("a final response");
+    assert_eq!(code, 502, "{refusal}");
+    assert!(
+        header(&refusal, "Warning").is_some_and(|w| w.contains("SDP")),
+        "{refusal}"
+    );
+    assert!(!refusal.contains("m=audio"), "{refusal}");
+    callee.expect_request("ACK");
+    let bye = callee.expect_request("BYE");
+    assert_eq!(
+        header(&bye, "Reason"),
+        Some("SIP;cause=488;text=\"SDP answer not acceptable\""),
+        "{bye}"
+    );
+    callee.send(
+        &response_to(&bye, "200 OK", callee.addr(), None),
+        pbx.sip_addr(),
+    );
+    let records = pbx.wait_cdrs(1);
+    assert_eq!(records[0]["sip_code"], 502, "{}", records[0]);
+    assert_eq!(records[0]["disposition"], "failed", "{}", records[0]);
+    wait_until(
+        LIMIT,
+        "the call gone and its ports back in the pool",
+        || {
+            let stats = pbx.http_get("/api/stats").1;
+            stats.contains("\"ports_in_use\":0") && stats.contains("\"active_calls\":0")
+        },
+    );
+}
+
 #[test]
 fn offer_is_filtered_to_the_configured_codecs_and_488_without_one() {
     let callee = SipClient::new();

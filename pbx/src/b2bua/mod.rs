@@ -130,6 +130,9 @@ const ORPHAN_LIFETIME: Duration = Duration::from_secs(32);
 /// (RFC 3326), so that they do not show a missed call.
 const COMPLETED_ELSEWHERE: &str = "SIP;cause=200;text=\"Call completed elsewhere\"";
 
+/// Reason of the BYE to a callee whose answer's SDP cannot be relayed.
+const UNUSABLE_ANSWER: &str = "SIP;cause=488;text=\"SDP answer not acceptable\"";
+
 pub struct B2bua {
     settings: CallSettings,
     calls: HashMap<CallKey, Call>,
@@ -695,7 +698,12 @@ impl B2bua {
             return;
         }
         let code = response.code().unwrap_or(180);
-        let relayed = callee_response_to_caller(self.media.as_mut(), call, response);
+        // Early media is optional: the caller still hears that it rings.
+        let relayed = callee_response_to_caller(self.media.as_mut(), call, response)
+            .unwrap_or_else(|e| {
+                tracing::warn!(call = call.key, error = %e, "early SDP from the callee not relayed");
+                to_caller(call, response)
+            });
         txl.respond(call.a_invite_tx, &relayed, now);
         if !call.ringing_sent {
             call.ringing_sent = true;
@@ -720,6 +728,13 @@ impl B2bua {
         let had_offer = call.a_invite.sdp().is_some();
         let relayed = callee_response_to_caller(self.media.as_mut(), call, response);
         call.state = CallState::Answered;
+        let relayed = match relayed {
+            Ok(relayed) => relayed,
+            Err(e) => {
+                tracing::warn!(call = key, error = %e, "the callee's SDP cannot be relayed: the call fails with 502");
+                return self.refuse_answer(key, txl, now);
+            }
+        };
         call.answered = Some(Utc::now());
         call.awaited_ack = Some(AwaitedAck {
             origin: LegSide::A,
@@ -732,6 +747,30 @@ impl B2bua {
             call: call.parties.clone(),
             codec,
         });
+    }
+
+    /// The callee answered with SDP the PBX cannot relay (unparsable, or
+    /// no stream it can carry): a call set up on it would have no media.
+    /// The callee's 2xx is acknowledged and hung up with the reason, and
+    /// the caller gets 502 Bad Gateway, as from a gateway whose downstream
+    /// answered what it cannot use (RFC 3261 §21.5.3).
+    fn refuse_answer(&mut self, key: CallKey, txl: &mut TransactionLayer, now: Instant) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        if let Some(b) = call.leg_mut(LegSide::B) {
+            let ack = b.request(Method::Ack);
+            let wire = txl.send_ack(ack, b.peer);
+            call.b_ack = Some(wire);
+        }
+        let mut refusal = Message::response_to(&call.a_invite, 502, Some(&call.a.local_tag));
+        refusal.headers.push(
+            "Warning",
+            "399 sip-pbx \"the callee's SDP could not be relayed\"",
+        );
+        txl.respond(call.a_invite_tx, &refusal, now);
+        self.send_bye(key, LegSide::B, Some(UNUSABLE_ANSWER), txl, now);
+        self.finish(key, outcome(502, None));
     }
 
     /// A fork ended with a failure (`response`, or none when it timed
@@ -1077,7 +1116,7 @@ impl B2bua {
         }
         for side in [LegSide::A, LegSide::B] {
             if Some(side) != except {
-                self.send_bye(key, side, txl, now);
+                self.send_bye(key, side, None, txl, now);
             }
         }
         let answered = self.calls.get(&key).is_some_and(|c| c.answered.is_some());
@@ -1085,14 +1124,25 @@ impl B2bua {
         self.finish(key, outcome(code, Some(reason)));
     }
 
-    fn send_bye(&mut self, key: CallKey, side: LegSide, txl: &mut TransactionLayer, now: Instant) {
+    /// BYE on one leg, with a Reason header (RFC 3326) when one is given.
+    fn send_bye(
+        &mut self,
+        key: CallKey,
+        side: LegSide,
+        reason: Option<&str>,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
         let Some(call) = self.calls.get_mut(&key) else {
             return;
         };
         let Some(dialog) = call.leg_mut(side).filter(|d| d.remote_tag.is_some()) else {
             return;
         };
-        let bye = dialog.request(Method::Bye);
+        let mut bye = dialog.request(Method::Bye);
+        if let Some(reason) = reason {
+            bye.headers.push("Reason", reason);
+        }
         let peer = dialog.peer;
         let tx = txl.send_request(bye, peer, now);
         call.byes.insert(side, tx);
@@ -1317,23 +1367,20 @@ fn to_caller(call: &Call, response: &Message) -> Message {
 }
 
 /// A provisional or 2xx response of the B leg's INVITE for the caller,
-/// its SDP (the answer to the caller's offer, or an offer) through the media.
+/// its SDP (the answer to the caller's offer, or an offer) through the
+/// media; an error when that SDP cannot be relayed.
 fn callee_response_to_caller(
     media: &mut dyn SessionMedia,
     call: &mut Call,
     response: &Message,
-) -> Message {
+) -> Result<Message, MediaError> {
     let mut relayed = to_caller(call, response);
     if let Some(sdp) = response.sdp().cloned() {
         let role = call.response_sdp_role(LegSide::B, call.a_invite.sdp().is_some());
-        match media.relay_sdp(call.media, LegSide::B, role, sdp) {
-            Ok(body) => relayed.set_body(Some("application/sdp"), body),
-            Err(e) => {
-                tracing::warn!(call = call.key, error = %e, "SDP from the callee not relayed")
-            }
-        }
+        let body = media.relay_sdp(call.media, LegSide::B, role, sdp)?;
+        relayed.set_body(Some("application/sdp"), body);
     }
-    relayed
+    Ok(relayed)
 }
 
 fn copy_headers(from: &Message, to: &mut Message, names: &[&str]) {
