@@ -353,38 +353,65 @@ fn a_new_offer_in_prack_moves_early_media() {
 /// SDP wrapped in another body type (multipart, as SIP-I trunks send)
 /// cannot be rewritten: relayed, it would give the caller the callee's own
 /// address. The 200 to a re-INVITE reaches the caller without it.
+/// In-dialog offers whose answers the relay cannot use: a multipart body
+/// (as SIP-I trunks send; relayed raw it would carry the callee's own
+/// address past the relay) to a re-INVITE, unparsable SDP to an UPDATE.
+/// Each offer fails with 488 rather than leaving the caller without an
+/// answer, the callee's 200 to the re-INVITE is acknowledged, and the call
+/// keeps its media.
 #[test]
-fn an_answer_in_a_body_that_is_not_sdp_is_not_relayed() {
+fn an_in_dialog_answer_the_relay_cannot_use_fails_the_offer_and_the_call_keeps_its_media() {
     let callee = SipClient::new();
     let pbx = Pbx::start(callee.addr().port(), &bypass(""));
-    let call = establish(&pbx, &callee, "0 101", "multipart-1").expect("answered");
+    let call = establish(&pbx, &callee, "0 101", "bad-reanswer-1").expect("answered");
     let offer = audio_sdp(call.a.0.local_addr().expect("addr").port(), "0 101");
-    call.caller
-        .send(&call.request("INVITE", 2, Some(&offer)), call.pbx);
-    let reinvite = call.callee.expect_request("INVITE");
     let callee_port = call.b.0.local_addr().expect("addr").port();
     let multipart = format!(
         "--x\r\nContent-Type: application/sdp\r\n\r\n{}\r\n--x--\r\n",
         audio_sdp(callee_port, "0 101")
     );
-    let ok = String::from_utf8_lossy(&response_to(
-        &reinvite,
-        "200 OK",
-        call.callee.addr(),
-        Some(&multipart),
-    ))
-    .replace(
-        "application/sdp\r\nContent-Length",
-        "multipart/mixed;boundary=x\r\nContent-Length",
-    );
-    call.callee.send(ok.as_bytes(), call.pbx);
-    let (code, ok_at_a) = call.caller.final_response(LIMIT).expect("200 to re-INVITE");
-    assert_eq!(code, 200);
-    assert!(
-        !ok_at_a.contains(&format!("m=audio {callee_port}")),
-        "the callee's address reached the caller: {ok_at_a}"
-    );
-    assert_eq!(header(&ok_at_a, "Content-Length"), Some("0"), "{ok_at_a}");
+    let unparsable = audio_sdp(callee_port, "0 101").replace("m=audio", "m=audio twenty");
+    for (cseq, method, answer, content_type) in [
+        (2, "INVITE", multipart, "multipart/mixed;boundary=x"),
+        (3, "UPDATE", unparsable, "application/sdp"),
+    ] {
+        call.caller
+            .send(&call.request(method, cseq, Some(&offer)), call.pbx);
+        let request = call.callee.expect_request(method);
+        let ok = String::from_utf8_lossy(&response_to(
+            &request,
+            "200 OK",
+            call.callee.addr(),
+            Some(&answer),
+        ))
+        .replace(
+            "application/sdp\r\nContent-Length",
+            &format!("{content_type}\r\nContent-Length"),
+        );
+        call.callee.send(ok.as_bytes(), call.pbx);
+        let (code, refusal) = call.caller.final_response(LIMIT).expect("an answer");
+        assert_eq!(code, 488, "{method}: {refusal}");
+        assert!(
+            header(&refusal, "Warning").is_some_and(|w| w.contains("SDP")),
+            "{refusal}"
+        );
+        assert!(
+            !refusal.contains(&callee_port.to_string()),
+            "the callee's address reached the caller: {refusal}"
+        );
+        if method == "INVITE" {
+            let ack = call.callee.expect_request("ACK");
+            assert_eq!(
+                header(&ack, "CSeq"),
+                header(&request, "CSeq")
+                    .map(|c| c.replace("INVITE", "ACK"))
+                    .as_deref(),
+                "{ack}"
+            );
+        }
+        call.exchange(cseq as u16);
+    }
+    hang_up(&call);
 }
 
 /// The callee answers with SDP the relay cannot use: the call would have

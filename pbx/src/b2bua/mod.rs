@@ -130,6 +130,9 @@ const ORPHAN_LIFETIME: Duration = Duration::from_secs(32);
 /// (RFC 3326), so that they do not show a missed call.
 const COMPLETED_ELSEWHERE: &str = "SIP;cause=200;text=\"Call completed elsewhere\"";
 
+/// Warning (RFC 3261 §20.43) of a refusal caused by the far end's SDP.
+const UNRELAYABLE_SDP: &str = "399 sip-pbx \"the far end's SDP could not be relayed\"";
+
 /// Reason of the BYE to a callee whose answer's SDP cannot be relayed.
 const UNUSABLE_ANSWER: &str = "SIP;cause=488;text=\"SDP answer not acceptable\"";
 
@@ -764,10 +767,7 @@ impl B2bua {
             call.b_ack = Some(wire);
         }
         let mut refusal = Message::response_to(&call.a_invite, 502, Some(&call.a.local_tag));
-        refusal.headers.push(
-            "Warning",
-            "399 sip-pbx \"the callee's SDP could not be relayed\"",
-        );
+        refusal.headers.push("Warning", UNRELAYABLE_SDP);
         txl.respond(call.a_invite_tx, &refusal, now);
         self.send_bye(key, LegSide::B, Some(UNUSABLE_ANSWER), txl, now);
         self.finish(key, outcome(502, None));
@@ -1004,7 +1004,8 @@ impl B2bua {
         let Some(origin) = call.leg(relay.origin) else {
             return;
         };
-        let mut relayed = Message::response_to(&relay.request, code, Some(&origin.local_tag));
+        let origin_tag = origin.local_tag.clone();
+        let mut relayed = Message::response_to(&relay.request, code, Some(&origin_tag));
         if let StartLine::Response { reason, .. } = &response.start {
             relayed.start = StartLine::Response {
                 code,
@@ -1015,30 +1016,57 @@ impl B2bua {
         if (101..300).contains(&code) {
             relayed.headers.push("Contact", origin.contact.clone());
         }
-        if call.outcome.is_some() && response.sdp().is_some() {
+        let offers_or_answers = relay.request.method().is_some_and(carries_offer_answer);
+        let unrelayable = if call.outcome.is_some() && response.sdp().is_some() {
             // Answered after the call ended: its media is released.
             tracing::debug!(
                 call = relay.call,
                 "SDP of a response after the call ended dropped"
             );
+            None
         } else if let Some(sdp) = response.sdp().cloned() {
             let role = call.response_sdp_role(responder, relay.carried_offer);
             match self.media.relay_sdp(call.media, responder, role, sdp) {
-                Ok(body) => relayed.set_body(Some("application/sdp"), body),
-                Err(e) => tracing::warn!(call = relay.call, error = %e, "SDP not relayed"),
+                Ok(body) => {
+                    relayed.set_body(Some("application/sdp"), body);
+                    None
+                }
+                Err(e) => Some(e.to_string()),
             }
-        } else if !response.body.is_empty() {
-            if relay.request.method().is_some_and(carries_offer_answer) {
-                // As for requests (415), only SDP answers an offer here:
-                // another body may carry the far end's own addresses, which
-                // the PBX cannot rewrite.
-                tracing::debug!(call = relay.call, "response body that is not SDP dropped");
-            } else {
-                let ct = response.headers.get("Content-Type").map(str::to_string);
-                relayed.set_body(ct.as_deref(), response.body.clone());
+        } else if response.body.is_empty() {
+            None
+        } else if offers_or_answers {
+            // As for requests (415), only SDP answers an offer here: another
+            // body may carry the far end's own addresses, which the PBX
+            // cannot rewrite.
+            Some("a body that is not SDP".to_string())
+        } else {
+            let ct = response.headers.get("Content-Type").map(str::to_string);
+            relayed.set_body(ct.as_deref(), response.body.clone());
+            None
+        };
+        let is_invite = relay.request.method() == Some(&Method::Invite);
+        if let Some(error) = unrelayable {
+            // A 2xx to INVITE always completes an offer/answer exchange, and
+            // a 2xx to an UPDATE or PRACK that offered does: relayed without
+            // its SDP it would leave the offerer with no answer. The offer
+            // fails instead, and the call keeps the media it had.
+            if (200..300).contains(&code) && (relay.carried_offer || is_invite) {
+                tracing::warn!(call = relay.call, %error, "the far end's 2xx cannot be relayed: 488 to the offerer");
+                if is_invite {
+                    if let Some(far) = call.leg_mut(responder) {
+                        let ack = far.request(Method::Ack);
+                        txl.send_ack(ack, far.peer);
+                    }
+                }
+                let mut refusal = Message::response_to(&relay.request, 488, Some(&origin_tag));
+                refusal.headers.push("Warning", UNRELAYABLE_SDP);
+                txl.respond(relay.server_tx, &refusal, now);
+                return;
             }
+            tracing::warn!(call = relay.call, %error, "body of a response not relayed");
         }
-        if relay.request.method() == Some(&Method::Invite) && (200..300).contains(&code) {
+        if is_invite && (200..300).contains(&code) {
             call.awaited_ack = Some(AwaitedAck {
                 origin: relay.origin,
                 server_tx: relay.server_tx,
