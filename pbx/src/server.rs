@@ -22,7 +22,7 @@ use crate::registrar::store::Binding;
 use crate::registrar::{Limits, RegisterError, Registrar};
 use crate::sip::message::Message;
 use crate::sip::transaction::{LocalAddress, TimerValues, TransactionLayer, TuEvent, TxId};
-use crate::sip::transport::{Inbound, Protocol, Transport, TransportError};
+use crate::sip::transport::{Inbound, Protocol, StreamLifetimes, Transport, TransportError};
 use crate::sip::uri::Host;
 use crate::status::PbxStatus;
 
@@ -97,7 +97,13 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
         .parse()
         .map_err(|_| ServerError::ListenIp(config.sip.listen_ip.clone()))?;
     let listen = SocketAddr::new(listen_ip, config.sip.listen_port);
-    let (transport, mut inbound) = Transport::bind(listen, config.sip.transport, traffic).await?;
+    let timers = TimerValues::from_t1(Duration::from_millis(config.sip.timer_t1_ms));
+    let lifetimes = StreamLifetimes {
+        message: timers.t1 * 64,
+        idle: Duration::from_secs(config.registrar.max_expires.into()) + timers.t1 * 64,
+    };
+    let (transport, mut inbound) =
+        Transport::bind(listen, config.sip.transport, traffic, lifetimes).await?;
     let advertised = advertised_address(&config);
     tracing::info!(
         %listen,
@@ -106,7 +112,6 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
         "SIP listening"
     );
 
-    let timers = TimerValues::from_t1(Duration::from_millis(config.sip.timer_t1_ms));
     let mut txl = TransactionLayer::new(
         LocalAddress {
             host: Host::Ip(advertised),

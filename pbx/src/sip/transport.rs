@@ -1,6 +1,7 @@
-//! SIP over UDP and TCP: sockets, stream framing, the Via `received` and
-//! `rport` stamps of RFC 3261 §18.2.1 / RFC 3581, and the SIP traffic log.
-//! Everything received goes up one channel; everything sent goes through
+//! SIP over UDP and TCP: sockets, stream framing, keep-alives and the
+//! lifetime of TCP connections, the Via `received` and `rport` stamps of
+//! RFC 3261 §18.2.1 / RFC 3581, and the SIP traffic log. Everything
+//! received goes up one channel; everything sent goes through
 //! `Transport::send`, which never blocks the caller.
 
 use std::collections::HashMap;
@@ -9,10 +10,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::message::{Message, Via};
 use super::parse::{parse_datagram, parse_stream, FrameError, Parsed, MAX_MESSAGE};
@@ -84,6 +86,20 @@ pub enum TransportError {
 
 type Connections = Arc<Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Bytes>>>>;
 
+/// How long a TCP connection may keep the PBX waiting before it is closed,
+/// so that connections a peer abandoned, or holds open without speaking
+/// SIP, do not use up the process's descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLifetimes {
+    /// For the first message after the connection opens, and for the rest
+    /// of a message once it has begun.
+    pub message: Duration,
+    /// Between messages (RFC 5626 keep-alives count): longer than any
+    /// registration lasts, so that a phone's flow lives as long as its
+    /// registrations refresh it.
+    pub idle: Duration,
+}
+
 /// The PBX's SIP sockets.
 #[derive(Clone)]
 pub struct Transport {
@@ -92,6 +108,7 @@ pub struct Transport {
     inbound: mpsc::Sender<Inbound>,
     traffic: Option<TrafficLog>,
     local_port: u16,
+    lifetimes: StreamLifetimes,
 }
 
 impl Transport {
@@ -101,6 +118,7 @@ impl Transport {
         listen: SocketAddr,
         mode: TransportMode,
         traffic: Option<TrafficLog>,
+        lifetimes: StreamLifetimes,
     ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
         let (tx, rx) = mpsc::channel(16_384);
         let mut local_port = listen.port();
@@ -123,6 +141,7 @@ impl Transport {
             inbound: tx,
             traffic,
             local_port,
+            lifetimes,
         };
         if let Some(socket) = &transport.udp {
             tokio::spawn(transport.clone().udp_loop(Arc::clone(socket)));
@@ -225,41 +244,87 @@ impl Transport {
             }
         });
         let this = self.clone();
+        let pong = tx.clone();
         tokio::spawn(async move {
             let peer = Peer {
                 addr,
                 protocol: Protocol::Tcp,
             };
-            let mut buf = BytesMut::with_capacity(8192);
-            'read: loop {
-                match reader.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                loop {
-                    match parse_stream(&buf) {
-                        Ok((parsed, used)) => {
-                            if let Some(log) = &this.traffic {
-                                log.received(peer, &buf[..used]);
-                            }
-                            let _ = buf.split_to(used);
-                            if this.deliver(parsed, peer).await.is_err() {
-                                break 'read;
-                            }
-                        }
-                        Err(FrameError::Incomplete) => break,
-                        Err(FrameError::Garbage(why)) => {
-                            tracing::debug!(%peer, %why, "closing TCP connection");
-                            break 'read;
-                        }
-                    }
-                }
+            if let Err(why) = this.read_stream(&mut reader, peer, &pong).await {
+                tracing::debug!(%peer, %why, "closing TCP connection");
             }
             if let Ok(mut map) = connections.lock() {
                 map.remove(&addr);
             }
         });
         tx
+    }
+
+    /// Frames messages from a TCP connection until it closes or breaks
+    /// one of the `StreamLifetimes`; answers each RFC 5626 ping (a double
+    /// CRLF) with a pong (one CRLF) on `pong`.
+    async fn read_stream(
+        &self,
+        reader: &mut (impl AsyncReadExt + Unpin),
+        peer: Peer,
+        pong: &mpsc::UnboundedSender<Bytes>,
+    ) -> Result<(), String> {
+        let lifetimes = self.lifetimes;
+        let mut buf = BytesMut::with_capacity(8192);
+        let opened = Instant::now();
+        // Time of the last message, or keep-alive after one.
+        let mut settled: Option<Instant> = None;
+        // Since when the buffer has held the start of a message.
+        let mut partial_since: Option<Instant> = None;
+        // CR and LF bytes since the last message, for pings split across reads.
+        let mut crlf_run = 0usize;
+        loop {
+            let (deadline, waiting_for) = match (partial_since, settled) {
+                (Some(since), _) => (since + lifetimes.message, "the rest of a message"),
+                (None, Some(at)) => (at + lifetimes.idle, "a message or keep-alive"),
+                (None, None) => (opened + lifetimes.message, "a first message"),
+            };
+            match tokio::time::timeout_at(deadline, reader.read_buf(&mut buf)).await {
+                Err(_) => return Err(format!("no {waiting_for} in time")),
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(_)) => {}
+            }
+            let now = Instant::now();
+            loop {
+                let run = buf
+                    .iter()
+                    .position(|b| *b != b'\r' && *b != b'\n')
+                    .unwrap_or(buf.len());
+                if run > 0 {
+                    for _ in 0..(crlf_run + run) / 4 - crlf_run / 4 {
+                        let _ = pong.send(Bytes::from_static(b"\r\n"));
+                    }
+                    crlf_run += run;
+                    buf.advance(run);
+                    settled = settled.map(|_| now);
+                }
+                match parse_stream(&buf) {
+                    Ok((parsed, used)) => {
+                        if let Some(log) = &self.traffic {
+                            log.received(peer, &buf[..used]);
+                        }
+                        buf.advance(used);
+                        (settled, partial_since, crlf_run) = (Some(now), None, 0);
+                        self.deliver(parsed, peer)
+                            .await
+                            .map_err(|()| "the PBX is stopping".to_string())?;
+                    }
+                    Err(FrameError::Incomplete) => break,
+                    Err(FrameError::Garbage(why)) => return Err(why),
+                }
+            }
+            if buf.is_empty() {
+                partial_since = None;
+            } else {
+                partial_since.get_or_insert(now);
+            }
+        }
     }
 
     async fn deliver(&self, mut parsed: Parsed, peer: Peer) -> Result<(), ()> {
