@@ -660,6 +660,52 @@ fn requests_crossing_the_pbxs_bye_get_481() {
     assert!(!log.contains("SDP not relayed"), "{log}");
 }
 
+/// A relayed re-INVITE's 2xx repeats when its ACK was lost (RFC 3261
+/// §13.3.1.4): the PBX sends that ACK again rather than leaving the phone
+/// to hang up after 64*T1, whichever side sent the re-INVITE.
+#[test]
+fn a_repeated_2xx_to_a_relayed_reinvite_gets_its_ack_again() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let call = establish(&pbx, &callee, "0", "lost-ack-1").expect("answered");
+    let a_offer = audio_sdp(call.a.0.local_addr().expect("addr").port(), "0");
+    let b_offer = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0");
+
+    call.caller
+        .send(&call.request("INVITE", 2, Some(&a_offer)), call.pbx);
+    let reinvite = call.callee.expect_request("INVITE");
+    let ok = response_to(&reinvite, "200 OK", call.callee.addr(), Some(&b_offer));
+    call.callee.send(&ok, call.pbx);
+    let ok_at_a = next(&call.caller, "the 200 to the re-INVITE", |m| {
+        m.starts_with("SIP/2.0 200") && m.contains(" INVITE\r\n")
+    });
+    call.caller.send(
+        &caller_request("ACK", &ok_at_a, call.caller.addr(), 2, None),
+        call.pbx,
+    );
+    let ack = call.callee.expect_request("ACK");
+    call.callee.send(&ok, call.pbx);
+    let again = next(call.callee, "the ACK again", |m| m.starts_with("ACK "));
+    assert_eq!(again, ack);
+
+    call.callee
+        .send(&call.callee_request("INVITE", 1, Some(&b_offer)), call.pbx);
+    let reinvite = call.caller.expect_request("INVITE");
+    let ok = response_to(&reinvite, "200 OK", call.caller.addr(), Some(&a_offer));
+    call.caller.send(&ok, call.pbx);
+    next(call.callee, "the 200 to the callee's re-INVITE", |m| {
+        m.starts_with("SIP/2.0 200") && m.contains(" INVITE\r\n")
+    });
+    call.callee
+        .send(&call.callee_request("ACK", 1, None), call.pbx);
+    let ack = call.caller.expect_request("ACK");
+    call.caller.send(&ok, call.pbx);
+    let again = next(&call.caller, "the ACK again", |m| m.starts_with("ACK "));
+    assert_eq!(again, ack);
+    call.exchange(1);
+    hang_up(&call);
+}
+
 /// The next message at `client` that `wanted` picks, past retransmissions
 /// and provisional responses.
 fn next(client: &SipClient, what: &str, wanted: impl Fn(&str) -> bool) -> String {

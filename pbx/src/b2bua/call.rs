@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use crate::events::{CallParties, Disposition, EndReason};
 use crate::media::{LegSide, MediaSessionId, SdpRole};
 use crate::sip::message::{CSeq, Message, Method};
-use crate::sip::transaction::TxId;
+use crate::sip::transaction::{TransactionLayer, TxId};
 use crate::sip::transport::Peer;
 use crate::sip::uri::{NameAddr, Uri};
 
@@ -165,8 +165,10 @@ pub struct Call {
     pub answered: Option<DateTime<Utc>>,
     pub ringing_sent: bool,
     pub awaited_ack: Option<AwaitedAck>,
-    /// The ACK sent on the B leg for its 2xx, resent when the 2xx repeats.
-    pub b_ack: Option<Bytes>,
+    /// The last ACK sent on each leg, with the CSeq number of the INVITE
+    /// whose 2xx it acknowledges: resent when that 2xx repeats, as it does
+    /// when the ACK was lost.
+    pub acks: HashMap<LegSide, (u32, Bytes)>,
     /// Side with an SDP offer not yet answered (RFC 3264).
     pub open_offer: Option<LegSide>,
     /// Client transactions of BYEs still running, per leg.
@@ -183,6 +185,39 @@ pub struct Outcome {
 }
 
 impl Call {
+    /// Acknowledges the 2xx to the INVITE last sent on `side`, with `body`
+    /// (an answer to an offer in that 2xx), and keeps the ACK for repeats.
+    pub fn send_ack(&mut self, side: LegSide, body: Option<Bytes>, txl: &mut TransactionLayer) {
+        let Some(leg) = self.leg_mut(side) else {
+            return;
+        };
+        let mut ack = leg.request(Method::Ack);
+        if let Some(body) = body {
+            ack.set_body(Some("application/sdp"), body);
+        }
+        let (seq, peer) = (leg.invite_seq, leg.peer);
+        let wire = txl.send_ack(ack, peer);
+        self.acks.insert(side, (seq, wire));
+    }
+
+    /// Sends again the ACK for `response`, a repeated 2xx from `side`;
+    /// false when the PBX has not acknowledged that 2xx yet.
+    pub fn repeat_ack(
+        &self,
+        side: LegSide,
+        response: &Message,
+        txl: &mut TransactionLayer,
+    ) -> bool {
+        let seq = response.cseq().map(|c| c.seq);
+        match (self.acks.get(&side), self.leg(side)) {
+            (Some((acked, wire)), Some(leg)) if Some(*acked) == seq => {
+                txl.resend(leg.peer, wire.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn leg(&self, side: LegSide) -> Option<&Dialog> {
         match side {
             LegSide::A => Some(&self.a),

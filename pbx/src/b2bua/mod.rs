@@ -112,6 +112,9 @@ pub struct RegisterJob {
 enum ClientPurpose {
     Invite(CallKey),
     Relay(Box<Relay>),
+    /// A relayed INVITE that the leg on this side answered with a 2xx:
+    /// repeats of the 2xx get the ACK again.
+    Answered(CallKey, LegSide),
     Bye(CallKey, LegSide),
 }
 
@@ -121,10 +124,14 @@ enum CallTimer {
     Ring,
     /// Forget how to hang up a cancelled INVITE (key: its transaction).
     Orphan,
+    /// Forget how to acknowledge repeats of a relayed INVITE's 2xx (key:
+    /// its transaction).
+    Answered,
 }
 
-/// How long a late 2xx to a cancelled INVITE can arrive (64*T1).
-const ORPHAN_LIFETIME: Duration = Duration::from_secs(32);
+/// How long copies of an INVITE's 2xx can still arrive (64*T1): a late 2xx
+/// to a cancelled INVITE, or repeats of one whose ACK was lost.
+const LATE_2XX_WINDOW: Duration = Duration::from_secs(32);
 
 /// Reason of the CANCEL sent to the phones that lost the race to answer
 /// (RFC 3326), so that they do not show a missed call.
@@ -429,7 +436,7 @@ impl B2bua {
                 answered: None,
                 ringing_sent: false,
                 awaited_ack: None,
-                b_ack: None,
+                acks: HashMap::new(),
                 open_offer: None,
                 byes: HashMap::new(),
                 outcome: None,
@@ -562,7 +569,7 @@ impl B2bua {
             self.client_txs.remove(&fork.tx);
             self.orphans.insert(fork.tx, fork.dialog);
             self.timers
-                .schedule(now + ORPHAN_LIFETIME, (fork.tx, CallTimer::Orphan));
+                .schedule(now + LATE_2XX_WINDOW, (fork.tx, CallTimer::Orphan));
         }
     }
 
@@ -612,18 +619,35 @@ impl B2bua {
         let purpose = match self.client_txs.get(&tx) {
             Some(ClientPurpose::Invite(key)) => ClientPurpose::Invite(*key),
             Some(ClientPurpose::Relay(relay)) => ClientPurpose::Relay(relay.clone()),
+            Some(ClientPurpose::Answered(key, side)) => ClientPurpose::Answered(*key, *side),
             Some(ClientPurpose::Bye(key, side)) => ClientPurpose::Bye(*key, *side),
             None => return self.on_orphan_response(tx, &response, txl, now),
         };
         let code = response.code().unwrap_or(500);
         // An INVITE's 2xx may repeat (RFC 6026): keep its purpose until the call goes.
-        let repeats = matches!(purpose, ClientPurpose::Invite(_)) && (200..300).contains(&code);
+        let repeats = matches!(
+            purpose,
+            ClientPurpose::Invite(_) | ClientPurpose::Answered(..)
+        ) && (200..300).contains(&code);
         if code >= 200 && !repeats {
             self.client_txs.remove(&tx);
         }
         match purpose {
             ClientPurpose::Invite(key) => self.on_b_invite_response(key, tx, response, txl, now),
-            ClientPurpose::Relay(relay) => self.relay_response(*relay, response, txl, now),
+            ClientPurpose::Relay(relay) => {
+                if relay.request.method() == Some(&Method::Invite) && (200..300).contains(&code) {
+                    let answered = ClientPurpose::Answered(relay.call, relay.origin.other());
+                    self.client_txs.insert(tx, answered);
+                    self.timers
+                        .schedule(now + LATE_2XX_WINDOW, (tx, CallTimer::Answered));
+                }
+                self.relay_response(*relay, response, txl, now)
+            }
+            ClientPurpose::Answered(key, side) => {
+                if let Some(call) = self.calls.get(&key) {
+                    call.repeat_ack(side, &response, txl);
+                }
+            }
             ClientPurpose::Bye(key, side) => {
                 if code >= 200 {
                     self.bye_done(key, side);
@@ -647,11 +671,9 @@ impl B2bua {
         let Some(index) = call.forks.iter().position(|f| f.tx == tx) else {
             return;
         };
-        if (200..300).contains(&code) && call.b_ack.is_some() {
+        if (200..300).contains(&code) && call.acks.contains_key(&LegSide::B) {
             // The callee did not hear our ACK: repeat it.
-            if let (Some(ack), Some(b)) = (call.b_ack.clone(), call.leg(LegSide::B)) {
-                txl.resend(b.peer, ack);
-            }
+            call.repeat_ack(LegSide::B, &response, txl);
             return;
         }
         if call.state != CallState::Early {
@@ -761,11 +783,7 @@ impl B2bua {
         let Some(call) = self.calls.get_mut(&key) else {
             return;
         };
-        if let Some(b) = call.leg_mut(LegSide::B) {
-            let ack = b.request(Method::Ack);
-            let wire = txl.send_ack(ack, b.peer);
-            call.b_ack = Some(wire);
-        }
+        call.send_ack(LegSide::B, None, txl);
         let mut refusal = Message::response_to(&call.a_invite, 502, Some(&call.a.local_tag));
         refusal.headers.push("Warning", UNRELAYABLE_SDP);
         txl.respond(call.a_invite_tx, &refusal, now);
@@ -858,18 +876,7 @@ impl B2bua {
             }
             _ => None,
         };
-        let Some(other) = call.leg_mut(side.other()) else {
-            return;
-        };
-        let mut relayed = other.request(Method::Ack);
-        if let Some(body) = body {
-            relayed.set_body(Some("application/sdp"), body);
-        }
-        let peer = other.peer;
-        let wire = txl.send_ack(relayed, peer);
-        if side == LegSide::A {
-            call.b_ack = Some(wire);
-        }
+        call.send_ack(side.other(), body, txl);
     }
 
     /// The dialog and leg a request belongs to, by Call-ID and our tag.
@@ -1054,10 +1061,7 @@ impl B2bua {
             if (200..300).contains(&code) && (relay.carried_offer || is_invite) {
                 tracing::warn!(call = relay.call, %error, "the far end's 2xx cannot be relayed: 488 to the offerer");
                 if is_invite {
-                    if let Some(far) = call.leg_mut(responder) {
-                        let ack = far.request(Method::Ack);
-                        txl.send_ack(ack, far.peer);
-                    }
+                    call.send_ack(responder, None, txl);
                 }
                 let mut refusal = Message::response_to(&relay.request, 488, Some(&origin_tag));
                 refusal.headers.push("Warning", UNRELAYABLE_SDP);
@@ -1093,7 +1097,7 @@ impl B2bua {
                 txl.respond(relay.server_tx, &response, now);
             }
             Some(ClientPurpose::Bye(key, side)) => self.bye_done(key, side),
-            None => {}
+            Some(ClientPurpose::Answered(..)) | None => {}
         }
     }
 
@@ -1132,13 +1136,9 @@ impl B2bua {
                 txl.respond(call.a_invite_tx, &terminated, now);
                 self.abandon_forks(key, None, None, txl, now);
             }
-            CallState::Answered if call.b_ack.is_none() => {
+            CallState::Answered if !call.acks.contains_key(&LegSide::B) => {
                 // The callee's 2xx still waits for an ACK: give it one first.
-                if let Some(b) = call.leg_mut(LegSide::B) {
-                    let ack = b.request(Method::Ack);
-                    let wire = txl.send_ack(ack, b.peer);
-                    call.b_ack = Some(wire);
-                }
+                call.send_ack(LegSide::B, None, txl);
             }
             _ => {}
         }
@@ -1246,9 +1246,16 @@ impl B2bua {
     /// Fires due call timers (ring timeout).
     pub fn on_timers(&mut self, txl: &mut TransactionLayer, now: Instant) {
         while let Some((key, timer)) = self.timers.pop_due(now) {
-            if timer == CallTimer::Orphan {
-                self.orphans.remove(&key);
-                continue;
+            match timer {
+                CallTimer::Orphan => {
+                    self.orphans.remove(&key);
+                    continue;
+                }
+                CallTimer::Answered => {
+                    self.client_txs.remove(&key);
+                    continue;
+                }
+                CallTimer::Ring => {}
             }
             let Some(call) = self.calls.get(&key) else {
                 continue;
