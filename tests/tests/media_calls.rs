@@ -350,15 +350,114 @@ fn a_new_offer_in_prack_moves_early_media() {
     assert_eq!(got, rtp(1, 0xB0));
 }
 
-/// SDP wrapped in another body type (multipart, as SIP-I trunks send)
-/// cannot be rewritten: relayed, it would give the caller the callee's own
-/// address. The 200 to a re-INVITE reaches the caller without it.
+/// A multipart body (RFC 5621) as SIP-I trunks send: SDP beside binary
+/// ISUP. Its SDP takes part in offer/answer through the relay, both ways;
+/// the ISUP, which this B2BUA does not interwork, stays behind.
+#[test]
+fn sip_i_bodies_have_their_sdp_relayed_and_their_isup_left_behind() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let caller = SipClient::new();
+    let (a, b) = (media_pair(), media_pair());
+    let (a_port, b_port) = (
+        a.0.local_addr().expect("addr").port(),
+        b.0.local_addr().expect("addr").port(),
+    );
+    let sip_i = |sdp: String| {
+        let mut body = format!(
+            "--unique-boundary-1\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n\
+             --unique-boundary-1\r\nContent-Type: application/ISUP;version=itu-t92+\r\n\
+             Content-Disposition: signal;handling=optional\r\n\r\n"
+        )
+        .into_bytes();
+        body.extend_from_slice(&[0x01, 0x00, 0x49, 0x00, 0x00, 0x03, 0x02, 0x00, 0x07]);
+        body.extend_from_slice(b"\r\n--unique-boundary-1--\r\n");
+        body
+    };
+    let multipart = |message: Vec<u8>, body: Vec<u8>| {
+        let text = String::from_utf8_lossy(&message).to_string();
+        let head_end = text.find("\r\n\r\n").expect("head") + 4;
+        let head = text[..head_end]
+            .replace(
+                "Content-Type: application/sdp",
+                "Content-Type: multipart/mixed;boundary=unique-boundary-1\r\nMIME-Version: 1.0",
+            )
+            .replace(
+                &format!("Content-Length: {}", message.len() - head_end),
+                &format!("Content-Length: {}", body.len()),
+            );
+        [head.into_bytes(), body].concat()
+    };
+    let offer = audio_sdp(a_port, "0 8");
+    caller.send(
+        &multipart(
+            invite(
+                pbx.sip_addr(),
+                "1002",
+                caller.addr(),
+                "sip-i-1",
+                Some(&offer),
+            ),
+            sip_i(offer.clone()),
+        ),
+        pbx.sip_addr(),
+    );
+    let invite_at_b = callee.expect_request("INVITE");
+    assert_eq!(
+        header(&invite_at_b, "Content-Type"),
+        Some("application/sdp")
+    );
+    assert!(!invite_at_b.contains("ISUP"), "{invite_at_b}");
+    let to_pbx_from_b = sdp_audio_target(&invite_at_b).expect("the relayed offer");
+    assert_ne!(
+        to_pbx_from_b.port(),
+        a_port,
+        "the caller's own port reached the callee"
+    );
+
+    let answer = audio_sdp(b_port, "0");
+    callee.send(
+        &multipart(
+            response_to(&invite_at_b, "200 OK", callee.addr(), Some(&answer)),
+            sip_i(answer.clone()),
+        ),
+        pbx.sip_addr(),
+    );
+    let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");
+    assert_eq!(code, 200, "{ok_at_a}");
+    assert_eq!(header(&ok_at_a, "Content-Type"), Some("application/sdp"));
+    assert!(!ok_at_a.contains("ISUP"), "{ok_at_a}");
+    let to_pbx_from_a = sdp_audio_target(&ok_at_a).expect("the relayed answer");
+    assert_ne!(
+        to_pbx_from_a.port(),
+        b_port,
+        "the callee's own port reached the caller"
+    );
+    caller.send(
+        &caller_request("ACK", &ok_at_a, caller.addr(), 1, None),
+        pbx.sip_addr(),
+    );
+    callee.expect_request("ACK");
+    let call = Call {
+        caller,
+        callee: &callee,
+        a,
+        b,
+        to_pbx_from_a,
+        to_pbx_from_b,
+        invite_at_b,
+        ok_at_a,
+        pbx: pbx.sip_addr(),
+    };
+    call.exchange(1);
+    hang_up(&call);
+}
+
 /// In-dialog offers whose answers the relay cannot use: a multipart body
-/// (as SIP-I trunks send; relayed raw it would carry the callee's own
-/// address past the relay) to a re-INVITE, unparsable SDP to an UPDATE.
-/// Each offer fails with 488 rather than leaving the caller without an
-/// answer, the callee's 200 to the re-INVITE is acknowledged, and the call
-/// keeps its media.
+/// without SDP to a re-INVITE, unparsable SDP to an UPDATE. Each offer
+/// fails with 488 rather than leaving the caller without an answer, the
+/// callee's 200 to the re-INVITE is acknowledged, and the call keeps its
+/// media.
 #[test]
 fn an_in_dialog_answer_the_relay_cannot_use_fails_the_offer_and_the_call_keeps_its_media() {
     let callee = SipClient::new();
@@ -367,8 +466,7 @@ fn an_in_dialog_answer_the_relay_cannot_use_fails_the_offer_and_the_call_keeps_i
     let offer = audio_sdp(call.a.0.local_addr().expect("addr").port(), "0 101");
     let callee_port = call.b.0.local_addr().expect("addr").port();
     let multipart = format!(
-        "--x\r\nContent-Type: application/sdp\r\n\r\n{}\r\n--x--\r\n",
-        audio_sdp(callee_port, "0 101")
+        "--x\r\nContent-Type: text/plain\r\n\r\nc=IN IP4 127.0.0.1 m=audio {callee_port}\r\n--x--\r\n"
     );
     let unparsable = audio_sdp(callee_port, "0 101").replace("m=audio", "m=audio twenty");
     for (cseq, method, answer, content_type) in [

@@ -90,18 +90,16 @@ pub fn check_require(request: &Message) -> Result<(), Refusal> {
     }
 }
 
-/// 415 for a body that is not SDP where the PBX must understand it.
+/// 415 for a body where the PBX must understand it and finds no SDP (a
+/// multipart body's other parts, such as SIP-I's ISUP, are left behind).
 pub fn check_body(request: &Message) -> Result<(), Refusal> {
-    if request.body.is_empty() {
+    if request.body.is_empty() || request.sdp().is_some() {
         return Ok(());
     }
-    match request.content_type() {
-        Some(ct) if ct == "application/sdp" => Ok(()),
-        _ => Err(Refusal {
-            code: 415,
-            headers: vec![("Accept", ACCEPT.to_string())],
-        }),
-    }
+    Err(Refusal {
+        code: 415,
+        headers: vec![("Accept", ACCEPT.to_string())],
+    })
 }
 
 /// Max-Forwards of the forwarded request, or 483 when it is spent.
@@ -160,6 +158,19 @@ mod tests {
             code(&request("Accept: text/plain\r\n", "INVITE", "sip:x@y")),
             Some(406)
         );
+        let multipart = |parts: &str| {
+            let body = format!("--b\r\n{parts}\r\n--b--\r\n");
+            format!(
+                "Content-Type: multipart/mixed; boundary=\"b\"\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let sip_i = multipart(
+            "Content-Type: application/sdp\r\n\r\nv=0\r\n\r\n--b\r\nContent-Type: application/isup\r\n\r\n\x01",
+        );
+        assert_eq!(code(&request(&sip_i, "INVITE", "sip:x@y")), None);
+        let isup_only = multipart("Content-Type: application/isup\r\n\r\n\x01");
+        assert_eq!(code(&request(&isup_only, "INVITE", "sip:x@y")), Some(415));
         assert_eq!(
             forwarded_max_forwards(&request("Max-Forwards: 0\r\n", "INVITE", "sip:x@y"))
                 .err()

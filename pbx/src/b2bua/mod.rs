@@ -499,7 +499,7 @@ impl B2bua {
         let Some(call) = self.calls.get_mut(&key) else {
             return;
         };
-        let offer = match call.a_invite.sdp().cloned() {
+        let offer = match call.a_invite.sdp() {
             Some(sdp) => {
                 call.open_offer = Some(LegSide::A);
                 match self
@@ -869,7 +869,7 @@ impl B2bua {
         if call.state == CallState::Answered {
             call.state = CallState::Active;
         }
-        let body = match ack.sdp().cloned() {
+        let body = match ack.sdp() {
             Some(sdp) if awaited.offer_in_2xx => {
                 let role = call.request_sdp_role(side, &Method::Ack);
                 self.media.relay_sdp(call.media, side, role, sdp).ok()
@@ -938,7 +938,7 @@ impl B2bua {
             return reply(txl, tx, &request, 491, now);
         }
         let rack = request.headers.get("RAck").map(str::to_string);
-        let body = match request.sdp().cloned() {
+        let body = match request.sdp() {
             Some(sdp) => {
                 let role = call.request_sdp_role(side, &method);
                 match self.media.relay_sdp(call.media, side, role, sdp) {
@@ -1031,7 +1031,7 @@ impl B2bua {
                 "SDP of a response after the call ended dropped"
             );
             None
-        } else if let Some(sdp) = response.sdp().cloned() {
+        } else if let Some(sdp) = response.sdp() {
             let role = call.response_sdp_role(responder, relay.carried_offer);
             match self.media.relay_sdp(call.media, responder, role, sdp) {
                 Ok(body) => {
@@ -1410,7 +1410,7 @@ fn callee_response_to_caller(
     response: &Message,
 ) -> Result<Message, MediaError> {
     let mut relayed = to_caller(call, response);
-    if let Some(sdp) = response.sdp().cloned() {
+    if let Some(sdp) = response.sdp() {
         let role = call.response_sdp_role(LegSide::B, call.a_invite.sdp().is_some());
         let body = media.relay_sdp(call.media, LegSide::B, role, sdp)?;
         relayed.set_body(Some("application/sdp"), body);

@@ -7,6 +7,7 @@ use std::fmt::{self, Write as _};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::multipart;
 use super::uri::{find_param, parse_params, split_host_port, Host, NameAddr, Param, Uri};
 
 /// Request methods; anything else is kept as an extension method.
@@ -462,10 +463,32 @@ impl Message {
         })
     }
 
-    /// The body when it is an SDP session description.
-    pub fn sdp(&self) -> Option<&Bytes> {
-        (!self.body.is_empty() && self.content_type().as_deref() == Some("application/sdp"))
-            .then_some(&self.body)
+    /// The SDP session description the body is, or holds as a part of a
+    /// multipart body (RFC 5621: SIP-I trunks send it beside ISUP).
+    pub fn sdp(&self) -> Option<Bytes> {
+        if self.body.is_empty() {
+            return None;
+        }
+        let content_type = self.content_type()?;
+        if content_type == "application/sdp" {
+            return Some(self.body.clone());
+        }
+        if !content_type.starts_with("multipart/") {
+            return None;
+        }
+        let boundary = self.content_type_param("boundary")?;
+        multipart::part(&self.body, &boundary, "application/sdp").filter(|sdp| !sdp.is_empty())
+    }
+
+    /// A parameter of the Content-Type header, unquoted.
+    fn content_type_param(&self, name: &str) -> Option<String> {
+        let value = self.headers.get("Content-Type")?;
+        value.split(';').skip(1).find_map(|param| {
+            let (key, value) = param.split_once('=')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().trim_matches('"').to_string())
+        })
     }
 
     pub fn set_body(&mut self, content_type: Option<&str>, body: Bytes) {
