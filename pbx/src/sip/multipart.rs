@@ -136,6 +136,38 @@ mod tests {
         );
     }
 
+    /// Bodies assembled at random from the pieces the parser looks for:
+    /// it never panics, and what it returns lies inside the body.
+    #[test]
+    fn random_bodies_never_panic() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        const PIECES: [&[u8]; 10] = [
+            b"--b",
+            b"--b--",
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b"Content-Type: application/sdp",
+            b"c:application/sdp;x",
+            b"v=0",
+            b"\0\xff",
+            b"-",
+        ];
+        let mut rng = StdRng::seed_from_u64(5621);
+        for _ in 0..20_000 {
+            let body: Vec<u8> = (0..rng.random_range(0..24))
+                .flat_map(|_| PIECES[rng.random_range(0..PIECES.len())].iter().copied())
+                .collect();
+            let body = Bytes::from(body);
+            if let Some(found) = part(&body, "b", "application/sdp") {
+                let inside = body
+                    .windows(found.len().max(1))
+                    .any(|w| found.is_empty() || w == &found[..]);
+                assert!(inside, "{body:?} gave {found:?}");
+            }
+        }
+    }
+
     #[test]
     fn no_such_part_no_closing_delimiter_and_garbage() {
         let body = sip_i(b"isup");
