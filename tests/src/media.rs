@@ -109,6 +109,19 @@ pub fn establish<'a>(
     codecs: &str,
     call_id: &str,
 ) -> Result<Call<'a>, u16> {
+    establish_with(pbx, callee, codecs, call_id, |message| message)
+}
+
+/// As [`establish`], with the two messages that carry SDP (the caller's
+/// INVITE and the callee's 200) passed through `wrap` before they are
+/// sent, to carry the SDP in another kind of body.
+pub fn establish_with<'a>(
+    pbx: &Pbx,
+    callee: &'a SipClient,
+    codecs: &str,
+    call_id: &str,
+    wrap: impl Fn(Vec<u8>) -> Vec<u8>,
+) -> Result<Call<'a>, u16> {
     let caller = SipClient::new();
     let a = media_pair();
     let b = media_pair();
@@ -116,7 +129,13 @@ pub fn establish<'a>(
     let b_port = b.0.local_addr().expect("addr").port();
     let offer = audio_sdp(a_port, codecs);
     caller.send(
-        &invite(pbx.sip_addr(), "1002", caller.addr(), call_id, Some(&offer)),
+        &wrap(invite(
+            pbx.sip_addr(),
+            "1002",
+            caller.addr(),
+            call_id,
+            Some(&offer),
+        )),
         pbx.sip_addr(),
     );
     // Either the callee is offered the call or the caller is refused.
@@ -140,7 +159,7 @@ pub fn establish<'a>(
     }
     let to_pbx_from_b = sdp_audio_target(&invite_at_b)
         .unwrap_or_else(|| panic!("no SDP in the callee's INVITE:\n{invite_at_b}"));
-    let ok_at_a = answer(pbx, callee, &caller, &invite_at_b, b_port);
+    let ok_at_a = answer_with(pbx, callee, &caller, &invite_at_b, b_port, wrap);
     let to_pbx_from_a = sdp_audio_target(&ok_at_a).expect("SDP in the 200");
     let call = Call {
         caller,
@@ -167,13 +186,25 @@ pub fn answer(
     invite_at_b: &str,
     b_port: u16,
 ) -> String {
+    answer_with(pbx, callee, caller, invite_at_b, b_port, |message| message)
+}
+
+/// As [`answer`], with the 200 passed through `wrap` before it is sent.
+fn answer_with(
+    pbx: &Pbx,
+    callee: &SipClient,
+    caller: &SipClient,
+    invite_at_b: &str,
+    b_port: u16,
+    wrap: impl Fn(Vec<u8>) -> Vec<u8>,
+) -> String {
     callee.send(
-        &response_to(
+        &wrap(response_to(
             invite_at_b,
             "200 OK",
             callee.addr(),
             Some(&audio_sdp(b_port, "0 101")),
-        ),
+        )),
         pbx.sip_addr(),
     );
     let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");

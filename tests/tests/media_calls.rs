@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use sip_pbx_e2e::media::{answer, establish, media_pair, receive, rtp, Call};
+use sip_pbx_e2e::media::{answer, establish, establish_with, media_pair, receive, rtp, Call};
 use sip_pbx_e2e::{
     audio_sdp, caller_request, header, invite, io_uring_available, open_file_limit, response_to,
     sdp_audio_target, status_code, wait_until, without_io_uring, Pbx, SipClient,
@@ -357,100 +357,43 @@ fn a_new_offer_in_prack_moves_early_media() {
 fn sip_i_bodies_have_their_sdp_relayed_and_their_isup_left_behind() {
     let callee = SipClient::new();
     let pbx = Pbx::start(callee.addr().port(), &bypass(""));
-    let caller = SipClient::new();
-    let (a, b) = (media_pair(), media_pair());
-    let (a_port, b_port) = (
-        a.0.local_addr().expect("addr").port(),
-        b.0.local_addr().expect("addr").port(),
-    );
-    let sip_i = |sdp: String| {
-        let mut body = format!(
-            "--unique-boundary-1\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n\
-             --unique-boundary-1\r\nContent-Type: application/ISUP;version=itu-t92+\r\n\
-             Content-Disposition: signal;handling=optional\r\n\r\n"
-        )
-        .into_bytes();
-        body.extend_from_slice(&[0x01, 0x00, 0x49, 0x00, 0x00, 0x03, 0x02, 0x00, 0x07]);
-        body.extend_from_slice(b"\r\n--unique-boundary-1--\r\n");
-        body
-    };
-    let multipart = |message: Vec<u8>, body: Vec<u8>| {
-        let text = String::from_utf8_lossy(&message).to_string();
-        let head_end = text.find("\r\n\r\n").expect("head") + 4;
-        let head = text[..head_end]
-            .replace(
-                "Content-Type: application/sdp",
-                "Content-Type: multipart/mixed;boundary=unique-boundary-1\r\nMIME-Version: 1.0",
-            )
-            .replace(
-                &format!("Content-Length: {}", message.len() - head_end),
-                &format!("Content-Length: {}", body.len()),
-            );
-        [head.into_bytes(), body].concat()
-    };
-    let offer = audio_sdp(a_port, "0 8");
-    caller.send(
-        &multipart(
-            invite(
-                pbx.sip_addr(),
-                "1002",
-                caller.addr(),
-                "sip-i-1",
-                Some(&offer),
-            ),
-            sip_i(offer.clone()),
-        ),
-        pbx.sip_addr(),
-    );
-    let invite_at_b = callee.expect_request("INVITE");
-    assert_eq!(
-        header(&invite_at_b, "Content-Type"),
-        Some("application/sdp")
-    );
-    assert!(!invite_at_b.contains("ISUP"), "{invite_at_b}");
-    let to_pbx_from_b = sdp_audio_target(&invite_at_b).expect("the relayed offer");
-    assert_ne!(
-        to_pbx_from_b.port(),
-        a_port,
-        "the caller's own port reached the callee"
-    );
-
-    let answer = audio_sdp(b_port, "0");
-    callee.send(
-        &multipart(
-            response_to(&invite_at_b, "200 OK", callee.addr(), Some(&answer)),
-            sip_i(answer.clone()),
-        ),
-        pbx.sip_addr(),
-    );
-    let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");
-    assert_eq!(code, 200, "{ok_at_a}");
-    assert_eq!(header(&ok_at_a, "Content-Type"), Some("application/sdp"));
-    assert!(!ok_at_a.contains("ISUP"), "{ok_at_a}");
-    let to_pbx_from_a = sdp_audio_target(&ok_at_a).expect("the relayed answer");
-    assert_ne!(
-        to_pbx_from_a.port(),
-        b_port,
-        "the callee's own port reached the caller"
-    );
-    caller.send(
-        &caller_request("ACK", &ok_at_a, caller.addr(), 1, None),
-        pbx.sip_addr(),
-    );
-    callee.expect_request("ACK");
-    let call = Call {
-        caller,
-        callee: &callee,
-        a,
-        b,
-        to_pbx_from_a,
-        to_pbx_from_b,
-        invite_at_b,
-        ok_at_a,
-        pbx: pbx.sip_addr(),
-    };
+    let call = establish_with(&pbx, &callee, "0 8", "sip-i-1", sip_i).expect("answered");
+    for (relayed, own) in [(&call.invite_at_b, &call.a), (&call.ok_at_a, &call.b)] {
+        assert_eq!(header(relayed, "Content-Type"), Some("application/sdp"));
+        assert!(!relayed.contains("ISUP"), "{relayed}");
+        let own_port = own.0.local_addr().expect("addr").port();
+        assert!(
+            !relayed.contains(&format!("m=audio {own_port} ")),
+            "a phone's own port went past the relay: {relayed}"
+        );
+    }
     call.exchange(1);
     hang_up(&call);
+}
+
+/// `message` with its SDP body carried as SIP-I carries it: a multipart
+/// body of the SDP and a binary ISUP part.
+fn sip_i(message: Vec<u8>) -> Vec<u8> {
+    let text = String::from_utf8_lossy(&message).to_string();
+    let (head, sdp) = text.split_once("\r\n\r\n").expect("a head");
+    let mut body = format!(
+        "--unique-boundary-1\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n\
+         --unique-boundary-1\r\nContent-Type: application/ISUP;version=itu-t92+\r\n\
+         Content-Disposition: signal;handling=optional\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&[0x01, 0x00, 0x49, 0x00, 0x00, 0x03, 0x02, 0x00, 0x07]);
+    body.extend_from_slice(b"\r\n--unique-boundary-1--\r\n");
+    let head = head
+        .replace(
+            "Content-Type: application/sdp",
+            "Content-Type: multipart/mixed;boundary=unique-boundary-1\r\nMIME-Version: 1.0",
+        )
+        .replace(
+            &format!("Content-Length: {}", sdp.len()),
+            &format!("Content-Length: {}", body.len()),
+        );
+    [format!("{head}\r\n\r\n").into_bytes(), body].concat()
 }
 
 /// In-dialog offers whose answers the relay cannot use: a multipart body
