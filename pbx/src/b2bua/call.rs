@@ -200,21 +200,15 @@ impl Call {
         self.acks.insert(side, (seq, wire));
     }
 
-    /// Sends again the ACK for `response`, a repeated 2xx from `side`;
-    /// false when the PBX has not acknowledged that 2xx yet.
-    pub fn repeat_ack(
-        &self,
-        side: LegSide,
-        response: &Message,
-        txl: &mut TransactionLayer,
-    ) -> bool {
+    /// Sends again the ACK for `response`, a repeated 2xx from `side`,
+    /// once the PBX has acknowledged that 2xx (until then the ACK is on
+    /// its way from the other leg).
+    pub fn repeat_ack(&self, side: LegSide, response: &Message, txl: &mut TransactionLayer) {
         let seq = response.cseq().map(|c| c.seq);
-        match (self.acks.get(&side), self.leg(side)) {
-            (Some((acked, wire)), Some(leg)) if Some(*acked) == seq => {
+        if let (Some((acked, wire)), Some(leg)) = (self.acks.get(&side), self.leg(side)) {
+            if Some(*acked) == seq {
                 txl.resend(leg.peer, wire.clone());
-                true
             }
-            _ => false,
         }
     }
 
