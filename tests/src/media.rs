@@ -211,3 +211,28 @@ fn answer_with(
     assert_eq!(code, 200, "{ok_at_a}");
     ok_at_a
 }
+
+/// `message` with its SDP body carried as SIP-I carries it: a multipart
+/// body of the SDP and a binary ISUP part.
+pub fn sip_i(message: Vec<u8>) -> Vec<u8> {
+    let text = String::from_utf8_lossy(&message).to_string();
+    let (head, sdp) = text.split_once("\r\n\r\n").expect("a head");
+    let mut body = format!(
+        "--unique-boundary-1\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n\
+         --unique-boundary-1\r\nContent-Type: application/ISUP;version=itu-t92+\r\n\
+         Content-Disposition: signal;handling=optional\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&[0x01, 0x00, 0x49, 0x00, 0x00, 0x03, 0x02, 0x00, 0x07]);
+    body.extend_from_slice(b"\r\n--unique-boundary-1--\r\n");
+    let head = head
+        .replace(
+            "Content-Type: application/sdp",
+            "Content-Type: multipart/mixed;boundary=unique-boundary-1\r\nMIME-Version: 1.0",
+        )
+        .replace(
+            &format!("Content-Length: {}", sdp.len()),
+            &format!("Content-Length: {}", body.len()),
+        );
+    [format!("{head}\r\n\r\n").into_bytes(), body].concat()
+}

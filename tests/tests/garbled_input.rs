@@ -13,7 +13,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
-use sip_pbx_e2e::media::{establish, rtp};
+use sip_pbx_e2e::media::{establish, rtp, sip_i};
 use sip_pbx_e2e::{
     caller_request, header, invite, options, response_to, sdp_audio_target, status_code, Pbx,
     SipClient,
@@ -79,6 +79,9 @@ const SWAPS: &[(&str, &str)] = &[
     ("sip:", "sips:"),
     ("application/sdp", "application/SDP"),
     ("application/sdp", "multipart/mixed;boundary=x"),
+    ("--unique-boundary-1", "--unique-boundary-2"),
+    ("boundary=", "boundary"),
+    ("application/ISUP", "application/sdp"),
     ("INVITE", "INVITE INVITE"),
     ("\r\n", "\n"),
     ("\r\n", "\r\n "),
@@ -124,6 +127,16 @@ const INSERTS: &[&[u8]] = &[
     b"\xc3",
     b"=",
 ];
+
+/// One message with SDP in five carries it as SIP-I trunks do, beside
+/// binary ISUP in a multipart body, before any garbling.
+fn sip_i_sometimes(rng: &mut StdRng, message: Vec<u8>) -> Vec<u8> {
+    if rng.random_bool(0.2) {
+        sip_i(message)
+    } else {
+        message
+    }
+}
 
 fn lines(message: &[u8]) -> Vec<Vec<u8>> {
     message.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect()
@@ -238,7 +251,10 @@ impl Caller {
         };
         match (kind, dialog) {
             (0..=3, _) | (_, None) => {
-                let message = invite(self.pbx, "2000", me, &call_id, Some(&sdp));
+                let message = sip_i_sometimes(
+                    rng,
+                    invite(self.pbx, "2000", me, &call_id, Some(&sdp)),
+                );
                 self.last_invite = String::from_utf8_lossy(&message).into_owned();
                 message
             }
@@ -324,6 +340,11 @@ fn answer_requests(rng: &mut StdRng, callee: &SipClient, pbx: SocketAddr) {
             ("200 OK", None)
         };
         let response = response_to(&request, status, callee.addr(), body);
+        let response = if body.is_some() {
+            sip_i_sometimes(rng, response)
+        } else {
+            response
+        };
         let response = if rng.random_bool(0.5) {
             garble(rng, &response)
         } else {
