@@ -99,8 +99,8 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
     let listen = SocketAddr::new(listen_ip, config.sip.listen_port);
     let timers = TimerValues::from_t1(Duration::from_millis(config.sip.timer_t1_ms));
     let lifetimes = StreamLifetimes {
-        message: timers.t1 * 64,
-        idle: Duration::from_secs(config.registrar.max_expires.into()) + timers.t1 * 64,
+        message: timers.timeout(),
+        idle: Duration::from_secs(config.registrar.max_expires.into()) + timers.timeout(),
     };
     let (transport, mut inbound) =
         Transport::bind(listen, config.sip.transport, traffic, lifetimes).await?;
@@ -153,7 +153,7 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
     let mut drain_rx = status.drain_started();
     let drain_timeout = Duration::from_secs(config.drain.timeout_seconds);
     // Once every call has been hung up at the deadline, BYEs get this long.
-    let bye_grace = timers.t1 * 64;
+    let bye_grace = timers.timeout();
     let mut drain_deadline: Option<Instant> = None;
     let mut exit_deadline: Option<Instant> = None;
 

@@ -1024,14 +1024,15 @@ impl B2bua {
             relayed.headers.push("Contact", origin.contact.clone());
         }
         let offers_or_answers = relay.request.method().is_some_and(carries_offer_answer);
-        let unrelayable = if call.outcome.is_some() && response.sdp().is_some() {
+        let sdp = response.sdp();
+        let unrelayable = if call.outcome.is_some() && sdp.is_some() {
             // Answered after the call ended: its media is released.
             tracing::debug!(
                 call = relay.call,
                 "SDP of a response after the call ended dropped"
             );
             None
-        } else if let Some(sdp) = response.sdp() {
+        } else if let Some(sdp) = sdp.clone() {
             let role = call.response_sdp_role(responder, relay.carried_offer);
             match self.media.relay_sdp(call.media, responder, role, sdp) {
                 Ok(body) => {
@@ -1074,7 +1075,7 @@ impl B2bua {
             call.awaited_ack = Some(AwaitedAck {
                 origin: relay.origin,
                 server_tx: relay.server_tx,
-                offer_in_2xx: !relay.carried_offer && response.sdp().is_some(),
+                offer_in_2xx: !relay.carried_offer && sdp.is_some(),
             });
         }
         txl.respond(relay.server_tx, &relayed, now);

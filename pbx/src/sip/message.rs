@@ -483,12 +483,9 @@ impl Message {
     /// A parameter of the Content-Type header, unquoted.
     fn content_type_param(&self, name: &str) -> Option<String> {
         let value = self.headers.get("Content-Type")?;
-        value.split(';').skip(1).find_map(|param| {
-            let (key, value) = param.split_once('=')?;
-            key.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| value.trim().trim_matches('"').to_string())
-        })
+        let params = parse_params(value.get(value.find(';')?..)?).ok()?;
+        let value = find_param(&params, name)?.value.as_deref()?;
+        Some(value.trim_matches('"').to_string())
     }
 
     pub fn set_body(&mut self, content_type: Option<&str>, body: Bytes) {

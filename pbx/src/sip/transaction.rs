@@ -59,7 +59,8 @@ impl TimerValues {
         }
     }
 
-    fn timeout(&self) -> Duration {
+    /// 64*T1: how long a transaction may last.
+    pub fn timeout(&self) -> Duration {
         self.t1 * 64
     }
 }
