@@ -845,6 +845,13 @@ pub fn options(to: SocketAddr, from: SocketAddr, call_id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// An OPTIONS from `from` over a TCP connection to `to`.
+pub fn options_over_tcp(to: SocketAddr, from: SocketAddr, call_id: &str) -> Vec<u8> {
+    String::from_utf8_lossy(&options(to, from, call_id))
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP")
+        .into_bytes()
+}
+
 fn rand_suffix() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -15,8 +15,8 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use sip_pbx_e2e::media::{establish, rtp, sip_i};
 use sip_pbx_e2e::{
-    caller_request, header, invite, options, response_to, sdp_audio_target, status_code, Pbx,
-    SipClient,
+    caller_request, header, invite, options, options_over_tcp, response_to, sdp_audio_target,
+    status_code, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -532,10 +532,9 @@ fn tcp_options_answer(pbx: SocketAddr) -> String {
         Err(e) => return format!("no connection: {e}"),
     };
     let me = connection.local_addr().expect("addr");
-    let request = String::from_utf8_lossy(&options(pbx, me, "tcp-probe"))
-        .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    let request = options_over_tcp(pbx, me, "tcp-probe");
     connection.set_read_timeout(Some(LIMIT)).expect("timeout");
-    if let Err(e) = connection.write_all(request.as_bytes()) {
+    if let Err(e) = connection.write_all(&request) {
         return format!("not sent: {e}");
     }
     let mut received = Vec::new();

@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use sip_pbx_e2e::{
-    free_port, header, invite, open_file_limit, options, pbx_binary, response_to, root, wait_until,
-    Pbx, SipClient,
+    free_port, header, invite, open_file_limit, options, options_over_tcp, pbx_binary, response_to,
+    root, wait_until, Pbx, SipClient,
 };
 
 #[test]
@@ -167,13 +167,12 @@ fn tcp_options_answered(pbx: &Pbx) -> bool {
         return false;
     };
     let me = stream.local_addr().expect("addr");
-    let request = String::from_utf8_lossy(&options(pbx.sip_addr(), me, "tcp"))
-        .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    let request = options_over_tcp(pbx.sip_addr(), me, "tcp");
     let mut answer = [0u8; 12];
     stream
         .set_read_timeout(Some(Duration::from_millis(500)))
         .expect("timeout");
-    stream.write_all(request.as_bytes()).is_ok()
+    stream.write_all(&request).is_ok()
         && stream.read_exact(&mut answer).is_ok()
         && answer.starts_with(b"SIP/2.0 200")
 }

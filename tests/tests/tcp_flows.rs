@@ -7,7 +7,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use sip_pbx_e2e::{free_port, options, Pbx};
+use sip_pbx_e2e::{free_port, options_over_tcp, Pbx};
 
 /// 64*T1 with the T1 below.
 const MESSAGE_LIFETIME: Duration = Duration::from_millis(1280);
@@ -33,9 +33,8 @@ fn connect(pbx: &Pbx) -> TcpStream {
 /// Sends an OPTIONS on `stream` and returns the status line of the answer.
 fn options_over(stream: &mut TcpStream, pbx: &Pbx) -> String {
     let me = stream.local_addr().expect("addr");
-    let request = String::from_utf8_lossy(&options(pbx.sip_addr(), me, "tcp-flow"))
-        .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
-    stream.write_all(request.as_bytes()).expect("send OPTIONS");
+    let request = options_over_tcp(pbx.sip_addr(), me, "tcp-flow");
+    stream.write_all(&request).expect("send OPTIONS");
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
