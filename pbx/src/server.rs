@@ -138,6 +138,7 @@ pub async fn run(parts: CoreParts) -> Result<(), ServerError> {
         CallSettings {
             max_calls: config.sip.max_concurrent_calls,
             ring_timeout: Duration::from_secs(config.sip.ring_timeout),
+            late_2xx_window: timers.timeout(),
         },
         media,
         bus,

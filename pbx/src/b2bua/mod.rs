@@ -85,6 +85,9 @@ const RESPONSE_HEADERS: [&str; 13] = [
 pub struct CallSettings {
     pub max_calls: usize,
     pub ring_timeout: Duration,
+    /// How long copies of an INVITE's 2xx can still arrive (64*T1): a late
+    /// 2xx to a cancelled INVITE, or repeats of one whose ACK was lost.
+    pub late_2xx_window: Duration,
 }
 
 /// A routing job for the runtime: route `user` and hand back the outcome.
@@ -128,10 +131,6 @@ enum CallTimer {
     /// its transaction).
     Answered,
 }
-
-/// How long copies of an INVITE's 2xx can still arrive (64*T1): a late 2xx
-/// to a cancelled INVITE, or repeats of one whose ACK was lost.
-const LATE_2XX_WINDOW: Duration = Duration::from_secs(32);
 
 /// Reason of the CANCEL sent to the phones that lost the race to answer
 /// (RFC 3326), so that they do not show a missed call.
@@ -568,8 +567,10 @@ impl B2bua {
             txl.cancel(fork.tx, reason, now);
             self.client_txs.remove(&fork.tx);
             self.orphans.insert(fork.tx, fork.dialog);
-            self.timers
-                .schedule(now + LATE_2XX_WINDOW, (fork.tx, CallTimer::Orphan));
+            self.timers.schedule(
+                now + self.settings.late_2xx_window,
+                (fork.tx, CallTimer::Orphan),
+            );
         }
     }
 
@@ -638,8 +639,10 @@ impl B2bua {
                 if relay.request.method() == Some(&Method::Invite) && (200..300).contains(&code) {
                     let answered = ClientPurpose::Answered(relay.call, relay.origin.other());
                     self.client_txs.insert(tx, answered);
-                    self.timers
-                        .schedule(now + LATE_2XX_WINDOW, (tx, CallTimer::Answered));
+                    self.timers.schedule(
+                        now + self.settings.late_2xx_window,
+                        (tx, CallTimer::Answered),
+                    );
                 }
                 self.relay_response(*relay, response, txl, now)
             }
