@@ -432,6 +432,51 @@ fn an_in_dialog_answer_the_relay_cannot_use_fails_the_offer_and_the_call_keeps_i
     hang_up(&call);
 }
 
+/// An offer that fails leaves the session as it was (RFC 3264 §8): the
+/// caller offers to move its media to another port, and the callee refuses
+/// (488 to a re-INVITE, 500 to an UPDATE) or answers with SDP the relay
+/// cannot use. The callee's next packet, sent before the caller says
+/// anything, still reaches the caller where it was, not the port of the
+/// refused offer.
+#[test]
+fn a_refused_offer_leaves_the_media_where_it_was() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let call = establish(&pbx, &callee, "0", "refused-move-1").expect("answered");
+    call.exchange(1);
+    let elsewhere = media_pair();
+    let offer = audio_sdp(elsewhere.0.local_addr().expect("addr").port(), "0");
+    let unusable = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0")
+        .replace("m=audio", "m=audio twenty");
+    for (cseq, method, status, answer) in [
+        (2, "INVITE", "488 Not Acceptable Here", None),
+        (3, "UPDATE", "500 Server Internal Error", None),
+        (4, "INVITE", "200 OK", Some(unusable.as_str())),
+    ] {
+        call.caller
+            .send(&call.request(method, cseq, Some(&offer)), call.pbx);
+        let request = call.callee.expect_request(method);
+        let refusal = response_to(&request, status, call.callee.addr(), answer);
+        call.callee.send(&refusal, call.pbx);
+        if method == "INVITE" {
+            call.callee.expect_request("ACK");
+        }
+        let (code, _) = call.caller.final_response(LIMIT).expect("an answer");
+        assert!(code >= 400, "{method} answered {status}: {code}");
+        let seq = 10 * cseq as u16;
+        call.b
+            .0
+            .send_to(&rtp(seq, 0xB0), call.to_pbx_from_b)
+            .expect("send");
+        let (got, _) = receive(&call.a.0).unwrap_or_else(|| {
+            panic!("after {method} {status}, the callee's RTP did not reach the caller's port")
+        });
+        assert_eq!(got, rtp(seq, 0xB0));
+        call.exchange(seq + 1);
+    }
+    hang_up(&call);
+}
+
 /// The callee answers with SDP the relay cannot use: the call would have
 /// no media, so it fails with 502 to the caller, the callee's 200 is
 /// acknowledged and hung up with the reason, and its ports come back.

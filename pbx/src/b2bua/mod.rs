@@ -1067,12 +1067,18 @@ impl B2bua {
                 if is_invite {
                     call.send_ack(responder, None, txl);
                 }
+                if relay.carried_offer {
+                    self.media.offer_failed(call.media, relay.origin);
+                }
                 let mut refusal = Message::response_to(&relay.request, 488, Some(&origin_tag));
                 refusal.headers.push("Warning", UNRELAYABLE_SDP);
                 txl.respond(relay.server_tx, &refusal, now);
                 return;
             }
             tracing::warn!(call = relay.call, %error, "body of a response not relayed");
+        }
+        if code >= 300 && relay.carried_offer {
+            self.media.offer_failed(call.media, relay.origin);
         }
         if is_invite && (200..300).contains(&code) {
             call.awaited_ack = Some(AwaitedAck {
@@ -1097,6 +1103,9 @@ impl B2bua {
                 }
             }
             Some(ClientPurpose::Relay(relay)) => {
+                if let Some(call) = self.calls.get(&relay.call).filter(|_| relay.carried_offer) {
+                    self.media.offer_failed(call.media, relay.origin);
+                }
                 let response = Message::response_to(&relay.request, 408, None);
                 txl.respond(relay.server_tx, &response, now);
             }

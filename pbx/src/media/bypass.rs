@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::port_pool::PortPool;
-use super::relay::{Counters, MediaCounters, Relay, Remote};
+use super::relay::{Counters, Latch, MediaCounters, Relay, Remote};
 use super::sdp::{self, Action, Description, Direction, Stream};
 use super::{LegSide, MediaError, MediaEvent, MediaSessionId, SdpRole, SessionMedia};
 use crate::config::MediaConfig;
@@ -76,6 +76,8 @@ struct StreamPorts {
     ports: [u16; 2],
     /// What each leg's SDP last said, to see when a leg moves.
     remote: [Option<Remote>; 2],
+    /// Where a leg was before its offer, not yet answered, moved it.
+    before_offer: [Option<Remote>; 2],
 }
 
 /// m-lines of one call the relay carries (audio, video, a second video or
@@ -195,6 +197,7 @@ impl RelayMedia {
         Ok(StreamPorts {
             ports,
             remote: [None, None],
+            before_offer: [None, None],
         })
     }
 
@@ -252,10 +255,16 @@ impl RelayMedia {
         }
         let ports = slot.as_mut()?;
         let remote = remote_of(stream);
-        if let Some(last) = ports.remote.get_mut(from) {
-            let relatch = matches!((*last, remote), (Some(l), Some(r)) if l != r);
+        if let (Some(last), Some(before)) =
+            (ports.remote.get_mut(from), ports.before_offer.get_mut(from))
+        {
+            let moved = matches!((*last, remote), (Some(l), Some(r)) if l != r);
+            if role == SdpRole::Offer {
+                *before = if moved { *last } else { None };
+            }
             *last = remote.or(*last);
-            self.relay.set_remote(id, index, from, remote, relatch);
+            let latch = if moved { Latch::SetAside } else { Latch::Keep };
+            self.relay.set_remote(id, index, from, remote, latch);
         }
         ports.ports.get(1 - from).copied()
     }
@@ -310,6 +319,12 @@ impl SessionMedia for RelayMedia {
             .collect();
         let result = sdp::rewrite(&sdp, self.advertised, &actions);
         if result.is_ok() && role == SdpRole::Answer {
+            let offerer = 1 - from;
+            for ports in session.streams.iter_mut().flatten() {
+                if let Some(before) = ports.before_offer.get_mut(offerer) {
+                    *before = None;
+                }
+            }
             session.codec = description.codec();
             let live: Vec<&Stream> = description.streams.iter().filter(|s| s.port != 0).collect();
             let held = !live.is_empty() && live.iter().all(|s| s.direction != Direction::SendRecv);
@@ -317,6 +332,24 @@ impl SessionMedia for RelayMedia {
         }
         self.sessions.insert(id, session);
         result.map(Bytes::from)
+    }
+
+    fn offer_failed(&mut self, id: MediaSessionId, offerer: LegSide) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let leg = leg_index(offerer);
+        for (index, slot) in session.streams.iter_mut().enumerate() {
+            let Some(ports) = slot else {
+                continue;
+            };
+            let before = ports.before_offer.get_mut(leg).and_then(Option::take);
+            if let (Some(before), Some(remote)) = (before, ports.remote.get_mut(leg)) {
+                *remote = Some(before);
+                self.relay
+                    .set_remote(id, index, leg, Some(before), Latch::Restore);
+            }
+        }
     }
 
     fn codec(&self, session: MediaSessionId) -> Option<String> {

@@ -78,6 +78,10 @@ pub trait SessionMedia: Send {
         role: SdpRole,
         sdp: Bytes,
     ) -> Result<Bytes, MediaError>;
+    /// The last offer leg `offerer` made was refused, or its answer was
+    /// unusable: the session stays as it was before (RFC 3264 §8), so
+    /// streams the offer moved go back to where they were.
+    fn offer_failed(&mut self, session: MediaSessionId, offerer: LegSide);
     /// The codec the call settled on, for the CDR.
     fn codec(&self, session: MediaSessionId) -> Option<String>;
     /// Frees everything the call held.
@@ -112,6 +116,8 @@ impl SessionMedia for DirectMedia {
         }
         Ok(sdp)
     }
+
+    fn offer_failed(&mut self, _session: MediaSessionId, _offerer: LegSide) {}
 
     fn codec(&self, session: MediaSessionId) -> Option<String> {
         self.codecs.get(&session).cloned()

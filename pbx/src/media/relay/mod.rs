@@ -135,6 +135,17 @@ pub struct Remote {
     pub rtcp: SocketAddr,
 }
 
+/// What new SDP of a leg does to the source it latched onto.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Latch {
+    Keep,
+    /// An offer moved the leg: latch afresh, keeping the old source aside
+    /// in case the offer fails.
+    SetAside,
+    /// The offer that moved the leg failed: the source set aside is back.
+    Restore,
+}
+
 enum Command {
     Add {
         session: u64,
@@ -147,7 +158,7 @@ enum Command {
         index: usize,
         leg: usize,
         remote: Option<Remote>,
-        relatch: bool,
+        latch: Latch,
     },
     Pause {
         session: u64,
@@ -317,15 +328,14 @@ impl Relay {
     }
 
     /// The SDP of leg `leg` (0 = A) of stream `index` was seen: the leg may
-    /// latch, and `remote`, when known, is where to send until it does;
-    /// `relatch` forgets the latched source (the SDP moved the leg).
+    /// latch, and `remote`, when known, is where to send until it does.
     pub fn set_remote(
         &self,
         session: MediaSessionId,
         index: usize,
         leg: usize,
         remote: Option<Remote>,
-        relatch: bool,
+        latch: Latch,
     ) {
         let form = |addr| socket_form(self.dual_stack, addr);
         let remote = remote.and_then(|r| {
@@ -341,7 +351,7 @@ impl Relay {
                 index,
                 leg,
                 remote,
-                relatch,
+                latch,
             },
         );
     }
@@ -535,6 +545,8 @@ struct Channel {
     /// The leg's SDP has been seen.
     signalled: bool,
     latched: Option<SocketAddr>,
+    /// The source latched before an offer moved the leg.
+    set_aside: Option<SocketAddr>,
     hold: Hold,
 }
 
@@ -746,7 +758,7 @@ impl Thread {
                 index,
                 leg,
                 remote,
-                relatch,
+                latch,
             } => {
                 let Some(entry) = self.sessions.get_mut(&session) else {
                     return;
@@ -764,8 +776,10 @@ impl Thread {
                     for (channel, addr) in [rtp, rtcp].into_iter().zip(addrs) {
                         channel.signalled = true;
                         channel.sdp = addr.or(channel.sdp);
-                        if relatch {
-                            channel.latched = None;
+                        match latch {
+                            Latch::Keep => {}
+                            Latch::SetAside => channel.set_aside = channel.latched.take(),
+                            Latch::Restore => channel.latched = channel.set_aside.take(),
                         }
                     }
                 }
@@ -798,6 +812,7 @@ impl Thread {
             sdp: None,
             signalled: false,
             latched: None,
+            set_aside: None,
             hold: Hold::default(),
         };
         let mut entry = StreamEntry {
