@@ -823,6 +823,28 @@ pub fn sdp_audio_target(message: &str) -> Option<SocketAddr> {
     format!("{ip}:{port}").parse().ok()
 }
 
+/// The version of the o= line of a message's SDP.
+pub fn sdp_version(message: &str) -> Option<u64> {
+    message
+        .lines()
+        .find_map(|l| l.strip_prefix("o="))?
+        .split(' ')
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+/// A message's SDP without its o= line: the session it describes.
+pub fn sdp_session(message: &str) -> Option<String> {
+    let (_, body) = message.split_once("\r\n\r\n")?;
+    Some(
+        body.lines()
+            .filter(|l| !l.starts_with("o="))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
 /// The status code of a response's text.
 pub fn status_code(text: &str) -> Option<u16> {
     text.strip_prefix("SIP/2.0 ")?.get(..3)?.parse().ok()

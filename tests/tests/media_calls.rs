@@ -9,7 +9,8 @@ use sip_pbx_e2e::media::{
 };
 use sip_pbx_e2e::{
     audio_sdp, caller_request, header, invite, io_uring_available, open_file_limit, response_to,
-    sdp_audio_target, status_code, wait_until, without_io_uring, Pbx, SipClient,
+    sdp_audio_target, sdp_session, sdp_version, status_code, wait_until, without_io_uring, Pbx,
+    SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -427,6 +428,7 @@ fn an_in_dialog_answer_the_relay_cannot_use_fails_the_offer_and_the_call_keeps_i
                 "{ack}"
             );
         }
+        answer_restoring_reinvite(&call);
         call.exchange(cseq as u16);
     }
     hang_up(&call);
@@ -463,6 +465,9 @@ fn a_refused_offer_leaves_the_media_where_it_was() {
         }
         let (code, _) = call.caller.final_response(LIMIT).expect("an answer");
         assert!(code >= 400, "{method} answered {status}: {code}");
+        if answer.is_some() {
+            answer_restoring_reinvite(&call);
+        }
         let seq = 10 * cseq as u16;
         call.b
             .0
@@ -473,6 +478,93 @@ fn a_refused_offer_leaves_the_media_where_it_was() {
         });
         assert_eq!(got, rtp(seq, 0xB0));
         call.exchange(seq + 1);
+    }
+    hang_up(&call);
+}
+
+/// A callee that answers a relayed re-INVITE with SDP the relay cannot use
+/// believes in a session the relay does not carry. After its ACK, the PBX
+/// offers it the session last agreed with it again (the SDP of the call's
+/// INVITE, one version up), and its answer to that is where the caller's
+/// media goes from then on.
+#[test]
+fn an_unusable_answer_is_followed_by_a_reinvite_that_restores_the_session() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let call = establish(&pbx, &callee, "0", "restore-1").expect("answered");
+    let hold = audio_sdp(call.a.0.local_addr().expect("addr").port(), "0")
+        .replace("a=sendrecv", "a=sendonly");
+    call.caller
+        .send(&call.request("INVITE", 2, Some(&hold)), call.pbx);
+    let reinvite = call.callee.expect_request("INVITE");
+    let unusable = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0")
+        .replace("m=audio", "m=audio twenty");
+    let ok = response_to(&reinvite, "200 OK", call.callee.addr(), Some(&unusable));
+    call.callee.send(&ok, call.pbx);
+    call.callee.expect_request("ACK");
+    let (code, _) = call.caller.final_response(LIMIT).expect("an answer");
+    assert_eq!(code, 488);
+
+    let restore = call.callee.expect_request("INVITE");
+    assert_eq!(sdp_session(&restore), sdp_session(&call.invite_at_b));
+    assert_eq!(
+        sdp_version(&restore),
+        sdp_version(&reinvite).map(|v| v + 1),
+        "{restore}"
+    );
+    let moved = media_pair();
+    let answer = audio_sdp(moved.0.local_addr().expect("addr").port(), "0");
+    let ok = response_to(&restore, "200 OK", call.callee.addr(), Some(&answer));
+    call.callee.send(&ok, call.pbx);
+    let ack = call.callee.expect_request("ACK");
+    assert_eq!(
+        header(&ack, "CSeq"),
+        header(&restore, "CSeq")
+            .map(|c| c.replace("INVITE", "ACK"))
+            .as_deref()
+    );
+    call.a
+        .0
+        .send_to(&rtp(1, 0xA0), call.to_pbx_from_a)
+        .expect("send");
+    let (got, source) = receive(&moved.0).expect("the caller's RTP at the callee's new port");
+    assert_eq!(got, rtp(1, 0xA0));
+    assert_eq!(source, call.to_pbx_from_b);
+    hang_up(&call);
+}
+
+/// The PBX is the origin of the SDP each leg receives (RFC 3264 §8): one
+/// o= session whose version goes up when, and only when, the body changes,
+/// though the caller here never changes its own version.
+#[test]
+fn each_leg_sees_one_sdp_origin_whose_version_follows_the_changes() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let call = establish(&pbx, &callee, "0", "origin-1").expect("answered");
+    let a_port = call.a.0.local_addr().expect("addr").port();
+    let b_answer = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0");
+    let first = sdp_version(&call.invite_at_b).expect("a version");
+    for (cseq, offer, version) in [
+        (2, audio_sdp(a_port, "0"), first),
+        (
+            3,
+            audio_sdp(a_port, "0").replace("a=sendrecv", "a=sendonly"),
+            first + 1,
+        ),
+        (4, audio_sdp(a_port, "0"), first + 2),
+    ] {
+        call.caller
+            .send(&call.request("INVITE", cseq, Some(&offer)), call.pbx);
+        let reinvite = call.callee.expect_request("INVITE");
+        assert_eq!(sdp_version(&reinvite), Some(version), "{reinvite}");
+        let ok = response_to(&reinvite, "200 OK", call.callee.addr(), Some(&b_answer));
+        call.callee.send(&ok, call.pbx);
+        let ok_at_a = next(&call.caller, "the 200", |m| m.starts_with("SIP/2.0 200"));
+        call.caller.send(
+            &caller_request("ACK", &ok_at_a, call.caller.addr(), cseq, None),
+            call.pbx,
+        );
+        call.callee.expect_request("ACK");
     }
     hang_up(&call);
 }
@@ -767,6 +859,16 @@ fn a_repeated_2xx_to_a_relayed_reinvite_gets_its_ack_again() {
     assert_eq!(again, ack);
     call.exchange(1);
     hang_up(&call);
+}
+
+/// Answers the re-INVITE with which the PBX puts the callee back into the
+/// session it relays, after the callee answered with SDP it could not use.
+fn answer_restoring_reinvite(call: &Call) {
+    let restore = call.callee.expect_request("INVITE");
+    let answer = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0 101");
+    let ok = response_to(&restore, "200 OK", call.callee.addr(), Some(&answer));
+    call.callee.send(&ok, call.pbx);
+    call.callee.expect_request("ACK");
 }
 
 /// The next message at `client` that `wanted` picks, past retransmissions

@@ -118,6 +118,9 @@ enum ClientPurpose {
     /// A relayed INVITE that the leg on this side answered with a 2xx:
     /// repeats of the 2xx get the ACK again.
     Answered(CallKey, LegSide),
+    /// The PBX's own re-INVITE that puts the leg on this side back into
+    /// the session the relay carries.
+    Restore(CallKey, LegSide),
     Bye(CallKey, LegSide),
 }
 
@@ -621,6 +624,7 @@ impl B2bua {
             Some(ClientPurpose::Invite(key)) => ClientPurpose::Invite(*key),
             Some(ClientPurpose::Relay(relay)) => ClientPurpose::Relay(relay.clone()),
             Some(ClientPurpose::Answered(key, side)) => ClientPurpose::Answered(*key, *side),
+            Some(ClientPurpose::Restore(key, side)) => ClientPurpose::Restore(*key, *side),
             Some(ClientPurpose::Bye(key, side)) => ClientPurpose::Bye(*key, *side),
             None => return self.on_orphan_response(tx, &response, txl, now),
         };
@@ -637,14 +641,22 @@ impl B2bua {
             ClientPurpose::Invite(key) => self.on_b_invite_response(key, tx, response, txl, now),
             ClientPurpose::Relay(relay) => {
                 if relay.request.method() == Some(&Method::Invite) && (200..300).contains(&code) {
-                    let answered = ClientPurpose::Answered(relay.call, relay.origin.other());
-                    self.client_txs.insert(tx, answered);
-                    self.timers.schedule(
-                        now + self.settings.late_2xx_window,
-                        (tx, CallTimer::Answered),
-                    );
+                    self.await_repeats(tx, relay.call, relay.origin.other(), now);
                 }
                 self.relay_response(*relay, response, txl, now)
+            }
+            ClientPurpose::Restore(key, side) if (200..300).contains(&code) => {
+                self.await_repeats(tx, key, side, now);
+                self.on_restored(key, side, &response, txl);
+            }
+            ClientPurpose::Restore(key, _) => {
+                if code >= 300 {
+                    tracing::warn!(
+                        call = key,
+                        code,
+                        "the re-INVITE restoring the session was refused"
+                    );
+                }
             }
             ClientPurpose::Answered(key, side) => {
                 if let Some(call) = self.calls.get(&key) {
@@ -656,6 +668,67 @@ impl B2bua {
                     self.bye_done(key, side);
                 }
             }
+        }
+    }
+
+    /// Keeps `tx`, an INVITE of ours that `side` answered with a 2xx, so
+    /// that repeats of the 2xx get the ACK again.
+    fn await_repeats(&mut self, tx: TxId, key: CallKey, side: LegSide, now: Instant) {
+        self.client_txs
+            .insert(tx, ClientPurpose::Answered(key, side));
+        self.timers.schedule(
+            now + self.settings.late_2xx_window,
+            (tx, CallTimer::Answered),
+        );
+    }
+
+    /// A leg took up an answer the PBX could not relay, so it believes in
+    /// a session the relay does not carry: the PBX offers it the session
+    /// last agreed with it again, in a re-INVITE of its own.
+    fn restore_session(
+        &mut self,
+        key: CallKey,
+        side: LegSide,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        let Some(call) = self
+            .calls
+            .get_mut(&key)
+            .filter(|c| c.state == CallState::Active && c.outcome.is_none())
+        else {
+            return;
+        };
+        let Some(offer) = self.media.restoring_offer(call.media, side) else {
+            return;
+        };
+        let Some(leg) = call.leg_mut(side) else {
+            return;
+        };
+        let mut invite = leg.request(Method::Invite);
+        invite.set_body(Some("application/sdp"), offer);
+        let tx = txl.send_request(invite, leg.peer, now);
+        self.client_txs
+            .insert(tx, ClientPurpose::Restore(key, side));
+    }
+
+    fn on_restored(
+        &mut self,
+        key: CallKey,
+        side: LegSide,
+        response: &Message,
+        txl: &mut TransactionLayer,
+    ) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        call.send_ack(side, None, txl);
+        let result = match response.sdp() {
+            Some(answer) => self.media.restored(call.media, side, answer),
+            None => Err(MediaError::BadSdp("no SDP in the answer".to_string())),
+        };
+        if let Err(error) = result {
+            tracing::warn!(call = key, %error, "the answer to the re-INVITE restoring the session cannot be used either");
         }
     }
 
@@ -1073,7 +1146,7 @@ impl B2bua {
                 let mut refusal = Message::response_to(&relay.request, 488, Some(&origin_tag));
                 refusal.headers.push("Warning", UNRELAYABLE_SDP);
                 txl.respond(relay.server_tx, &refusal, now);
-                return;
+                return self.restore_session(relay.call, responder, txl, now);
             }
             tracing::warn!(call = relay.call, %error, "body of a response not relayed");
         }
@@ -1110,7 +1183,7 @@ impl B2bua {
                 txl.respond(relay.server_tx, &response, now);
             }
             Some(ClientPurpose::Bye(key, side)) => self.bye_done(key, side),
-            Some(ClientPurpose::Answered(..)) | None => {}
+            Some(ClientPurpose::Answered(..) | ClientPurpose::Restore(..)) | None => {}
         }
     }
 

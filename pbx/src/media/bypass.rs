@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::port_pool::PortPool;
 use super::relay::{Counters, Latch, MediaCounters, Relay, Remote};
-use super::sdp::{self, Action, Description, Direction, Stream};
+use super::sdp::{self, Action, Description, Direction, Origin, Stream};
 use super::{LegSide, MediaError, MediaEvent, MediaSessionId, SdpRole, SessionMedia};
 use crate::config::MediaConfig;
 use crate::status::PbxStatus;
@@ -68,6 +68,58 @@ struct Session {
     streams: Vec<Option<StreamPorts>>,
     codec: Option<String>,
     counters: Arc<Counters>,
+    /// What the PBX said to leg A and leg B.
+    sent: [SentSdp; 2],
+}
+
+/// The SDP the PBX has sent one leg. The PBX is the origin of every body
+/// a leg receives: one o= session, whose version goes up by one whenever
+/// the body changes (RFC 3264 §8), whichever phone on the far side the
+/// body came from. So the PBX can offer the leg a body of its own.
+#[derive(Debug, Default)]
+struct SentSdp {
+    origin: Option<Origin>,
+    last: Option<Bytes>,
+    /// The body of the last offer/answer exchange with the leg that
+    /// completed: the session in force with it.
+    settled: Option<Bytes>,
+    /// An offer sent to the leg and not answered yet.
+    offered: Option<Bytes>,
+}
+
+impl SentSdp {
+    /// `body`, bound for this leg, under the leg's origin; a new version
+    /// when it differs from the last body sent, or when `new_version`. A
+    /// body without a readable o= line goes as it is.
+    fn stamp(&mut self, body: Vec<u8>, new_version: bool) -> Bytes {
+        let Some(incoming) = sdp::origin(&body) else {
+            return Bytes::from(body);
+        };
+        let origin = match self.origin.take() {
+            None => incoming,
+            Some(mut origin) => {
+                let unchanged = self
+                    .last
+                    .as_deref()
+                    .is_some_and(|last| sdp::same_session(last, &body));
+                if new_version || !unchanged {
+                    origin.version = origin.version.wrapping_add(1);
+                }
+                origin
+            }
+        };
+        let body = Bytes::from(sdp::with_origin(&body, &origin));
+        self.origin = Some(origin);
+        self.last = Some(body.clone());
+        body
+    }
+
+    /// The leg answered the offer the PBX sent it.
+    fn answered(&mut self) {
+        if let Some(offer) = self.offered.take() {
+            self.settled = Some(offer);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -268,6 +320,67 @@ impl RelayMedia {
         }
         ports.ports.get(1 - from).copied()
     }
+
+    /// Runs `work` on session `id`, out of the table meanwhile so that
+    /// `work` may use the rest of the relay's state.
+    fn with_session<T>(
+        &mut self,
+        id: MediaSessionId,
+        work: impl FnOnce(&Self, &mut Session) -> Result<T, MediaError>,
+    ) -> Result<T, MediaError> {
+        let mut session = self
+            .sessions
+            .remove(&id)
+            .ok_or(MediaError::Released(id.0))?;
+        let result = work(self, &mut session);
+        self.sessions.insert(id, session);
+        result
+    }
+
+    /// Plans the streams of `sdp`, a body from leg `from`, and rewrites
+    /// it for the other leg. An answer also settles the codec, whether the
+    /// call is on hold, and where the offerer's streams are.
+    fn negotiate(
+        &self,
+        session: &mut Session,
+        id: MediaSessionId,
+        from: LegSide,
+        role: SdpRole,
+        sdp: &[u8],
+    ) -> Result<Vec<u8>, MediaError> {
+        let description = sdp::parse(sdp)?;
+        let wanted = self.wanted(&description, role)?;
+        let from = leg_index(from);
+        let actions: Vec<Action> = wanted
+            .into_iter()
+            .zip(&description.streams)
+            .enumerate()
+            .map(|(index, (want, stream))| match want {
+                Wanted::Keep => Action::Keep,
+                Wanted::Reject => Action::Reject,
+                Wanted::Relay(formats) => {
+                    match self.plan_stream(session, id, index, stream, from, role) {
+                        Some(port) => Action::Relay { port, formats },
+                        None => Action::Reject,
+                    }
+                }
+            })
+            .collect();
+        let body = sdp::rewrite(sdp, self.advertised, &actions)?;
+        if role == SdpRole::Answer {
+            let offerer = 1 - from;
+            for ports in session.streams.iter_mut().flatten() {
+                if let Some(before) = ports.before_offer.get_mut(offerer) {
+                    *before = None;
+                }
+            }
+            session.codec = description.codec();
+            let live: Vec<&Stream> = description.streams.iter().filter(|s| s.port != 0).collect();
+            let held = !live.is_empty() && live.iter().all(|s| s.direction != Direction::SendRecv);
+            self.relay.pause(id, held);
+        }
+        Ok(body)
+    }
 }
 
 impl SessionMedia for RelayMedia {
@@ -283,6 +396,7 @@ impl SessionMedia for RelayMedia {
                 streams: vec![Some(first)],
                 codec: None,
                 counters,
+                sent: Default::default(),
             },
         );
         Ok(id)
@@ -295,43 +409,46 @@ impl SessionMedia for RelayMedia {
         role: SdpRole,
         sdp: Bytes,
     ) -> Result<Bytes, MediaError> {
-        let description = sdp::parse(&sdp)?;
-        let wanted = self.wanted(&description, role)?;
-        let mut session = self
-            .sessions
-            .remove(&id)
-            .ok_or(MediaError::Released(id.0))?;
-        let from = leg_index(from);
-        let actions: Vec<Action> = wanted
-            .into_iter()
-            .zip(&description.streams)
-            .enumerate()
-            .map(|(index, (want, stream))| match want {
-                Wanted::Keep => Action::Keep,
-                Wanted::Reject => Action::Reject,
-                Wanted::Relay(formats) => {
-                    match self.plan_stream(&mut session, id, index, stream, from, role) {
-                        Some(port) => Action::Relay { port, formats },
-                        None => Action::Reject,
-                    }
-                }
-            })
-            .collect();
-        let result = sdp::rewrite(&sdp, self.advertised, &actions);
-        if result.is_ok() && role == SdpRole::Answer {
-            let offerer = 1 - from;
-            for ports in session.streams.iter_mut().flatten() {
-                if let Some(before) = ports.before_offer.get_mut(offerer) {
-                    *before = None;
+        self.with_session(id, |media, session| {
+            let body = media.negotiate(session, id, from, role, &sdp)?;
+            let [a, b] = &mut session.sent;
+            let (to, back) = match from {
+                LegSide::A => (b, a),
+                LegSide::B => (a, b),
+            };
+            let body = to.stamp(body, false);
+            match role {
+                SdpRole::Offer => to.offered = Some(body.clone()),
+                SdpRole::Answer => {
+                    to.settled = Some(body.clone());
+                    back.answered();
                 }
             }
-            session.codec = description.codec();
-            let live: Vec<&Stream> = description.streams.iter().filter(|s| s.port != 0).collect();
-            let held = !live.is_empty() && live.iter().all(|s| s.direction != Direction::SendRecv);
-            self.relay.pause(id, held);
-        }
-        self.sessions.insert(id, session);
-        result.map(Bytes::from)
+            Ok(body)
+        })
+    }
+
+    fn restoring_offer(&mut self, id: MediaSessionId, leg: LegSide) -> Option<Bytes> {
+        let sent = self.sessions.get_mut(&id)?.sent.get_mut(leg_index(leg))?;
+        let settled = sent.settled.as_deref()?.to_vec();
+        let body = sent.stamp(settled, true);
+        sent.offered = Some(body.clone());
+        Some(body)
+    }
+
+    fn restored(
+        &mut self,
+        id: MediaSessionId,
+        leg: LegSide,
+        answer: Bytes,
+    ) -> Result<(), MediaError> {
+        self.with_session(id, |media, session| {
+            media.negotiate(session, id, leg, SdpRole::Answer, &answer)?;
+            if let Some(sent) = session.sent.get_mut(leg_index(leg)) {
+                sent.answered();
+            }
+            Ok(())
+        })
     }
 
     fn offer_failed(&mut self, id: MediaSessionId, offerer: LegSide) {

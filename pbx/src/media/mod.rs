@@ -82,6 +82,17 @@ pub trait SessionMedia: Send {
     /// unusable: the session stays as it was before (RFC 3264 §8), so
     /// streams the offer moved go back to where they were.
     fn offer_failed(&mut self, session: MediaSessionId, offerer: LegSide);
+    /// An offer of the session last agreed with leg `leg`, for a leg that
+    /// took up an answer the PBX could not relay (a re-INVITE puts it back
+    /// in step with the relay); `None` when there is nothing to offer.
+    fn restoring_offer(&mut self, session: MediaSessionId, leg: LegSide) -> Option<Bytes>;
+    /// `leg`'s answer to the restoring offer.
+    fn restored(
+        &mut self,
+        session: MediaSessionId,
+        leg: LegSide,
+        answer: Bytes,
+    ) -> Result<(), MediaError>;
     /// The codec the call settled on, for the CDR.
     fn codec(&self, session: MediaSessionId) -> Option<String>;
     /// Frees everything the call held.
@@ -118,6 +129,20 @@ impl SessionMedia for DirectMedia {
     }
 
     fn offer_failed(&mut self, _session: MediaSessionId, _offerer: LegSide) {}
+
+    /// Media end to end: the phones' own SDP is in force, nothing to restore.
+    fn restoring_offer(&mut self, _session: MediaSessionId, _leg: LegSide) -> Option<Bytes> {
+        None
+    }
+
+    fn restored(
+        &mut self,
+        _session: MediaSessionId,
+        _leg: LegSide,
+        _answer: Bytes,
+    ) -> Result<(), MediaError> {
+        Ok(())
+    }
 
     fn codec(&self, session: MediaSessionId) -> Option<String> {
         self.codecs.get(&session).cloned()

@@ -301,6 +301,68 @@ fn rewrite_origin(text: &[u8], addr: IpAddr) -> Result<String, MediaError> {
     }
 }
 
+/// The username, session id and version of a body's o= line (RFC 4566
+/// §5.2): who made the session description, and which edition of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub user: String,
+    pub session: String,
+    pub version: u64,
+}
+
+fn origin_line<'a>(line: &Line<'a>) -> Option<&'a str> {
+    std::str::from_utf8(line.text).ok()?.strip_prefix("o=")
+}
+
+/// The origin of `body`, when it has an o= line that reads.
+pub fn origin(body: &[u8]) -> Option<Origin> {
+    let lines = split_lines(body);
+    let mut fields = lines.iter().find_map(origin_line)?.split(' ');
+    let (user, session, version) = (fields.next()?, fields.next()?, fields.next()?);
+    Some(Origin {
+        user: user.to_string(),
+        session: session.to_string(),
+        version: version.parse().ok()?,
+    })
+}
+
+/// `body` with the username, session id and version of its o= line
+/// replaced by `origin`'s; the rest of the line and the body as they were.
+pub fn with_origin(body: &[u8], origin: &Origin) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 16);
+    let mut stamped = false;
+    for line in split_lines(body) {
+        match origin_line(&line).filter(|_| !stamped) {
+            Some(fields) => {
+                let address = fields.splitn(4, ' ').nth(3).unwrap_or_default();
+                let Origin {
+                    user,
+                    session,
+                    version,
+                } = origin;
+                out.extend_from_slice(format!("o={user} {session} {version} {address}").as_bytes());
+                stamped = true;
+            }
+            None => out.extend_from_slice(line.text),
+        }
+        out.extend_from_slice(line.eol);
+    }
+    out
+}
+
+/// Whether two bodies describe the same session whatever their o= lines
+/// say: a body sent again unchanged keeps its version (RFC 3264 §8).
+pub fn same_session(a: &[u8], b: &[u8]) -> bool {
+    let content = |body| {
+        split_lines(body)
+            .into_iter()
+            .filter(|l| origin_line(l).is_none())
+            .map(|l| l.text)
+            .collect::<Vec<_>>()
+    };
+    content(a) == content(b)
+}
+
 /// A c= line pointing at `addr`, unless the line says "do not send"
 /// (0.0.0.0, the hold of RFC 2543), which must reach the other leg as is.
 fn rewrite_connection(text: &[u8], addr: IpAddr) -> Result<Option<String>, MediaError> {
@@ -388,6 +450,49 @@ pub fn rewrite(body: &[u8], addr: IpAddr, actions: &[Action]) -> Result<Vec<u8>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_are_read_and_replaced_leaving_the_rest_of_the_body() {
+        let body =
+            b"v=0\r\no=alice 2890844526 7 IN IP4 203.0.113.5\r\ns=-\r\nm=audio 4000 RTP/AVP 0\r\n";
+        let read = origin(body).expect("an origin");
+        assert_eq!(
+            read,
+            Origin {
+                user: "alice".into(),
+                session: "2890844526".into(),
+                version: 7,
+            }
+        );
+        let pbx = Origin {
+            user: "bob".into(),
+            session: "42".into(),
+            version: 8,
+        };
+        let stamped = with_origin(body, &pbx);
+        assert_eq!(
+            String::from_utf8_lossy(&stamped),
+            "v=0\r\no=bob 42 8 IN IP4 203.0.113.5\r\ns=-\r\nm=audio 4000 RTP/AVP 0\r\n"
+        );
+        assert!(same_session(body, &stamped));
+        assert!(!same_session(
+            body,
+            b"v=0\r\no=a 1 1 IN IP4 203.0.113.5\r\ns=-\r\nm=audio 4002 RTP/AVP 0\r\n"
+        ));
+    }
+
+    #[test]
+    fn bodies_without_a_readable_origin_have_none() {
+        for body in [
+            &b"v=0\r\ns=-\r\n"[..],
+            b"v=0\r\no=alice 1\r\n",
+            b"v=0\r\no=alice 1 seven IN IP4 192.0.2.1\r\n",
+            b"v=0\r\no=\xff 1 1 IN IP4 192.0.2.1\r\n",
+            b"",
+        ] {
+            assert_eq!(origin(body), None, "{}", String::from_utf8_lossy(body));
+        }
+    }
 
     const OFFER: &str = "v=0\r\n\
 o=alice 2890844526 2890844527 IN IP4 192.0.2.10\r\n\
