@@ -115,8 +115,8 @@ pub struct RegisterJob {
 enum ClientPurpose {
     Invite(CallKey),
     Relay(Box<Relay>),
-    /// A relayed INVITE that the leg on this side answered with a 2xx:
-    /// repeats of the 2xx get the ACK again.
+    /// An INVITE of ours, relayed or restoring, that the leg on this side
+    /// answered with a 2xx: repeats of the 2xx get the ACK again.
     Answered(CallKey, LegSide),
     /// The PBX's own re-INVITE that puts the leg on this side back into
     /// the session the relay carries.
@@ -130,8 +130,8 @@ enum CallTimer {
     Ring,
     /// Forget how to hang up a cancelled INVITE (key: its transaction).
     Orphan,
-    /// Forget how to acknowledge repeats of a relayed INVITE's 2xx (key:
-    /// its transaction).
+    /// Forget how to acknowledge repeats of the 2xx to an in-dialog INVITE
+    /// of ours (key: its transaction).
     Answered,
 }
 
