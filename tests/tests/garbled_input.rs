@@ -326,19 +326,27 @@ fn answer_requests(rng: &mut StdRng, callee: &SipClient, pbx: SocketAddr) {
             continue;
         }
         let sdp = rich_sdp(CALLEE_MEDIA + 2 * rng.random_range(0..1000u16));
-        let (status, body) = if request.starts_with("INVITE ") {
-            [
+        // SDP the relay cannot use, ungarbled, so that offers fail and
+        // the PBX restores the callee's session often enough.
+        let unusable = sdp.replacen("m=audio ", "m=audio none", 1);
+        let choices: &[(&str, Option<&str>)] = if request.starts_with("INVITE ") {
+            &[
                 ("180 Ringing", None),
-                ("183 Session Progress", Some(sdp.as_str())),
-                ("200 OK", Some(sdp.as_str())),
+                ("183 Session Progress", Some(&sdp)),
+                ("200 OK", Some(&sdp)),
+                ("200 OK", Some(&unusable)),
                 ("486 Busy Here", None),
             ]
-            .choose(rng)
-            .copied()
-            .unwrap_or(("200 OK", None))
+        } else if request.starts_with("UPDATE ") {
+            &[
+                ("200 OK", Some(&sdp)),
+                ("200 OK", Some(&unusable)),
+                ("488 Not Acceptable Here", None),
+            ]
         } else {
-            ("200 OK", None)
+            &[("200 OK", None)]
         };
+        let (status, body) = choices.choose(rng).copied().unwrap_or(("200 OK", None));
         let response = response_to(&request, status, callee.addr(), body);
         let response = if body.is_some() {
             sip_i_sometimes(rng, response)
