@@ -1,8 +1,8 @@
 //! `media.mode: bypass`: the `SessionMedia` the B2BUA uses when RTP flows
 //! through the PBX. It owns the calls' media bookkeeping on the signalling
 //! side (which m-line uses which ports, where each leg said to send, the
-//! settled codec) and drives the relay threads with quick, non-blocking
-//! commands.
+//! settled codec, the SDP the PBX has sent each leg) and drives the relay
+//! threads with quick, non-blocking commands.
 
 use std::collections::HashMap;
 use std::io;
