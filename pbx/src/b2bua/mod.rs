@@ -1130,18 +1130,21 @@ impl B2bua {
             None
         };
         let is_invite = relay.request.method() == Some(&Method::Invite);
+        // A 2xx to INVITE always completes an offer/answer exchange, and a
+        // 2xx to an UPDATE or PRACK that offered does: relayed without its
+        // SDP it would leave the offerer with no answer. The offer fails
+        // instead, and the call keeps the media it had.
+        let refused = unrelayable.is_some()
+            && (200..300).contains(&code)
+            && (relay.carried_offer || is_invite);
+        if relay.carried_offer && (code >= 300 || refused) {
+            self.media.offer_failed(call.media, relay.origin);
+        }
         if let Some(error) = unrelayable {
-            // A 2xx to INVITE always completes an offer/answer exchange, and
-            // a 2xx to an UPDATE or PRACK that offered does: relayed without
-            // its SDP it would leave the offerer with no answer. The offer
-            // fails instead, and the call keeps the media it had.
-            if (200..300).contains(&code) && (relay.carried_offer || is_invite) {
+            if refused {
                 tracing::warn!(call = relay.call, %error, "the far end's 2xx cannot be relayed: 488 to the offerer");
                 if is_invite {
                     call.send_ack(responder, None, txl);
-                }
-                if relay.carried_offer {
-                    self.media.offer_failed(call.media, relay.origin);
                 }
                 let mut refusal = Message::response_to(&relay.request, 488, Some(&origin_tag));
                 refusal.headers.push("Warning", UNRELAYABLE_SDP);
@@ -1149,9 +1152,6 @@ impl B2bua {
                 return self.restore_session(relay.call, responder, txl, now);
             }
             tracing::warn!(call = relay.call, %error, "body of a response not relayed");
-        }
-        if code >= 300 && relay.carried_offer {
-            self.media.offer_failed(call.media, relay.origin);
         }
         if is_invite && (200..300).contains(&code) {
             call.awaited_ack = Some(AwaitedAck {
