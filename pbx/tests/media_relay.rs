@@ -321,10 +321,6 @@ fn offers_without_an_allowed_codec_are_refused() {
 
 #[test]
 fn ipv6_phones_are_relayed() {
-    if UdpSocket::bind("[::1]:0").is_err() {
-        eprintln!("no IPv6 loopback here; skipped");
-        return;
-    }
     let mut c = call(25600, 25699, 60, "::1");
     assert!(String::from_utf8_lossy(&c.offer).contains("c=IN IP6 ::1\r\n"));
     c.a_to_b(b"over ipv6");
@@ -419,6 +415,92 @@ fn video_is_refused_with_port_zero_when_the_pool_is_empty() {
     assert_eq!(offered[1], 0);
     assert!(String::from_utf8_lossy(&offer).contains("a=rtpmap:99 H264/90000\r\n"));
     pbx.media.close(id);
+}
+
+fn ports_in_use(pbx: &Pbx) -> usize {
+    pbx.status.ports_in_use.load(Ordering::Relaxed)
+}
+
+fn wait_for_ports_in_use(pbx: &Pbx, ports: usize) {
+    wait_until(&format!("{ports} ports in use"), || {
+        ports_in_use(pbx) == ports
+    });
+}
+
+#[test]
+fn video_the_answer_refuses_gives_its_ports_back() {
+    let mut pbx = pbx(26400, 26499, 60, "127.0.0.1");
+    let ip = pbx.ip;
+    let (a, b, video_a, video_b) = (phone(ip), phone(ip), phone(ip), phone(ip));
+    let id = pbx.media.open().expect("open");
+    let with_video = a.sdp(&video_line(&video_a));
+    let offer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, with_video.clone())
+        .expect("offer");
+    assert_eq!(
+        ports_in_use(&pbx),
+        8,
+        "RTP and RTCP of two streams, both legs"
+    );
+    let refused = b.sdp("m=video 0 RTP/AVP 99\r\n");
+    let answer = pbx
+        .media
+        .relay_sdp(id, LegSide::B, SdpRole::Answer, refused)
+        .expect("answer");
+    assert_eq!(ports(&answer)[1], 0);
+    wait_for_ports_in_use(&pbx, 4);
+    send(&a.rtp, ip, ports(&answer)[0], b"voice goes on");
+    assert_eq!(receive(&b.rtp), b"voice goes on");
+
+    // The session in force with B has no video now: a re-offer the PBX
+    // makes B of its own disables it, instead of naming ports it gave back.
+    let restoring = pbx
+        .media
+        .restoring_offer(id, LegSide::B)
+        .expect("B's session");
+    assert_eq!(ports(&restoring), vec![ports(&offer)[0], 0]);
+
+    // A offers video again: new ports, relayed once B accepts.
+    let reoffer = pbx
+        .media
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, with_video)
+        .expect("re-offer");
+    assert_eq!(ports_in_use(&pbx), 8);
+    let answer = pbx
+        .media
+        .relay_sdp(
+            id,
+            LegSide::B,
+            SdpRole::Answer,
+            b.sdp(&video_line(&video_b)),
+        )
+        .expect("answer with video");
+    send(&video_a.rtp, ip, ports(&answer)[1], b"frame");
+    assert_eq!(receive(&video_b.rtp), b"frame");
+    send(&video_b.rtp, ip, ports(&reoffer)[1], b"frame back");
+    assert_eq!(receive(&video_a.rtp), b"frame back");
+    pbx.media.close(id);
+    wait_for_ports_in_use(&pbx, 0);
+}
+
+#[test]
+fn video_a_failed_offer_added_gives_its_ports_back() {
+    let mut c = call(26500, 26599, 60, "127.0.0.1");
+    let video_a = phone(c.ip);
+    let reoffer = c.a.sdp(&video_line(&video_a));
+    let offer = c
+        .pbx
+        .media
+        .relay_sdp(c.id, LegSide::A, SdpRole::Offer, reoffer)
+        .expect("re-offer with video");
+    assert_ne!(ports(&offer)[1], 0);
+    assert_eq!(ports_in_use(&c.pbx), 8);
+    c.pbx.media.offer_failed(c.id, LegSide::A);
+    wait_for_ports_in_use(&c.pbx, 4);
+    c.a_to_b(b"voice after the refused re-offer");
+    c.b_to_a(b"and back");
+    c.pbx.media.close(c.id);
 }
 
 #[test]

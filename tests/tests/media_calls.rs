@@ -482,6 +482,56 @@ fn a_refused_offer_leaves_the_media_where_it_was() {
     hang_up(&call);
 }
 
+/// A re-INVITE that adds video takes relay ports for it. When the callee
+/// refuses the whole offer (488) or only the video (port 0 in its answer),
+/// those ports go back to the pool at once, not when the call ends, and the
+/// audio goes on.
+#[test]
+fn video_the_callee_refuses_holds_no_ports() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let ports_in_use = || {
+        let (_, stats) = pbx.http_get("/api/stats");
+        let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
+        stats["ports_in_use"].as_u64().expect("ports_in_use")
+    };
+    let wait_for_ports = |n: u64| {
+        wait_until(LIMIT, &format!("{n} ports in use"), || ports_in_use() == n);
+    };
+    let call = establish(&pbx, &callee, "0", "video-refused-1").expect("answered");
+    wait_for_ports(4);
+    let video = media_pair();
+    let video_line = |port: u16| format!("m=video {port} RTP/AVP 99\r\na=rtpmap:99 H264/90000\r\n");
+    let port = |pair: &(UdpSocket, UdpSocket)| pair.0.local_addr().expect("addr").port();
+    let with_video = audio_sdp(port(&call.a), "0") + &video_line(port(&video));
+    let audio_only = audio_sdp(port(&call.b), "0") + "m=video 0 RTP/AVP 99\r\n";
+    for (cseq, status, answer) in [
+        (2, "488 Not Acceptable Here", None),
+        (3, "200 OK", Some(audio_only.as_str())),
+    ] {
+        call.caller
+            .send(&call.request("INVITE", cseq, Some(&with_video)), call.pbx);
+        let reinvite = call.callee.expect_request("INVITE");
+        assert!(
+            !reinvite.contains("m=video 0 "),
+            "the video is offered on relay ports:\n{reinvite}"
+        );
+        assert_eq!(ports_in_use(), 8, "ports for the offered video");
+        let response = response_to(&reinvite, status, call.callee.addr(), answer);
+        call.callee.send(&response, call.pbx);
+        let (code, at_caller) = call.caller.final_response(LIMIT).expect("an answer");
+        assert_eq!(code, if answer.is_some() { 200 } else { 488 });
+        if answer.is_some() {
+            assert!(at_caller.contains("m=video 0 "), "{at_caller}");
+            call.caller.send(&call.request("ACK", cseq, None), call.pbx);
+        }
+        call.callee.expect_request("ACK");
+        wait_for_ports(4);
+        call.exchange(10 * cseq as u16);
+    }
+    hang_up(&call);
+}
+
 /// A callee that answers a relayed re-INVITE with SDP the relay cannot use
 /// believes in a session the relay does not carry. After its ACK, the PBX
 /// offers it the session last agreed with it again (the SDP of the call's

@@ -64,7 +64,8 @@ impl MediaStats {
 
 #[derive(Debug)]
 struct Session {
-    /// By m-line index; `None` where no ports were ever given.
+    /// By m-line index; `None` where the call holds no ports: never given,
+    /// or given back when an answer refused the m-line.
     streams: Vec<Option<StreamPorts>>,
     codec: Option<String>,
     counters: Arc<Counters>,
@@ -114,11 +115,25 @@ impl SentSdp {
         body
     }
 
-    /// The leg answered the offer the PBX sent it.
-    fn answered(&mut self) {
-        if let Some(offer) = self.offered.take() {
-            self.settled = Some(offer);
-        }
+    /// The leg answered the offer the PBX sent it; the m-lines its answer
+    /// refused are disabled (port 0) in the session now in force with it.
+    fn answered(&mut self, refused: &[usize], advertised: IpAddr) {
+        let Some(offer) = self.offered.take() else {
+            return;
+        };
+        let settled = if refused.is_empty() {
+            offer
+        } else {
+            let last = refused.iter().max().map_or(0, |&i| i + 1);
+            let actions: Vec<Action> = (0..last)
+                .map(|i| match refused.contains(&i) {
+                    true => Action::Reject,
+                    false => Action::Keep,
+                })
+                .collect();
+            sdp::rewrite(&offer, advertised, &actions).map_or(offer, Bytes::from)
+        };
+        self.settled = Some(settled);
     }
 }
 
@@ -130,6 +145,8 @@ struct StreamPorts {
     remote: [Option<Remote>; 2],
     /// Where a leg was before its offer, not yet answered, moved it.
     before_offer: [Option<Remote>; 2],
+    /// Opened for the offer not yet answered: it goes if that offer fails.
+    added_by_offer: bool,
 }
 
 /// m-lines of one call the relay carries (audio, video, a second video or
@@ -250,6 +267,7 @@ impl RelayMedia {
             ports,
             remote: [None, None],
             before_offer: [None, None],
+            added_by_offer: false,
         })
     }
 
@@ -303,7 +321,13 @@ impl RelayMedia {
         }
         let slot = session.streams.get_mut(index)?;
         if slot.is_none() && role == SdpRole::Offer {
-            *slot = self.add_stream(id, index, &session.counters).ok();
+            *slot = self
+                .add_stream(id, index, &session.counters)
+                .ok()
+                .map(|ports| StreamPorts {
+                    added_by_offer: true,
+                    ..ports
+                });
         }
         let ports = slot.as_mut()?;
         let remote = remote_of(stream);
@@ -319,6 +343,20 @@ impl RelayMedia {
             self.relay.set_remote(id, index, from, remote, latch);
         }
         ports.ports.get(1 - from).copied()
+    }
+
+    /// Gives back the ports of stream `index`, which the call no longer
+    /// carries: a phone offering video to one without it must not hold
+    /// twice the ports of a voice call.
+    fn release_stream(&self, session: &mut Session, id: MediaSessionId, index: usize) {
+        if session
+            .streams
+            .get_mut(index)
+            .and_then(Option::take)
+            .is_some()
+        {
+            self.relay.remove_stream(id, index);
+        }
     }
 
     /// Runs `work` on session `id`, out of the table meanwhile so that
@@ -373,6 +411,17 @@ impl RelayMedia {
                 if let Some(before) = ports.before_offer.get_mut(offerer) {
                     *before = None;
                 }
+                ports.added_by_offer = false;
+            }
+            let refused: Vec<usize> = (description.streams.iter().enumerate())
+                .filter(|(_, stream)| stream.port == 0)
+                .map(|(index, _)| index)
+                .collect();
+            for &index in &refused {
+                self.release_stream(session, id, index);
+            }
+            if let Some(answerer) = session.sent.get_mut(from) {
+                answerer.answered(&refused, self.advertised);
             }
             session.codec = description.codec();
             let live: Vec<&Stream> = description.streams.iter().filter(|s| s.port != 0).collect();
@@ -412,17 +461,14 @@ impl SessionMedia for RelayMedia {
         self.with_session(id, |media, session| {
             let body = media.negotiate(session, id, from, role, &sdp)?;
             let [a, b] = &mut session.sent;
-            let (to, back) = match from {
-                LegSide::A => (b, a),
-                LegSide::B => (a, b),
+            let to = match from {
+                LegSide::A => b,
+                LegSide::B => a,
             };
             let body = to.stamp(body, false);
             match role {
                 SdpRole::Offer => to.offered = Some(body.clone()),
-                SdpRole::Answer => {
-                    to.settled = Some(body.clone());
-                    back.answered();
-                }
+                SdpRole::Answer => to.settled = Some(body.clone()),
             }
             Ok(body)
         })
@@ -444,9 +490,6 @@ impl SessionMedia for RelayMedia {
     ) -> Result<(), MediaError> {
         self.with_session(id, |media, session| {
             media.negotiate(session, id, leg, SdpRole::Answer, &answer)?;
-            if let Some(sent) = session.sent.get_mut(leg_index(leg)) {
-                sent.answered();
-            }
             Ok(())
         })
     }
@@ -457,6 +500,10 @@ impl SessionMedia for RelayMedia {
         };
         let leg = leg_index(offerer);
         for (index, slot) in session.streams.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|ports| ports.added_by_offer) {
+                *slot = None;
+                self.relay.remove_stream(id, index);
+            }
             let Some(ports) = slot else {
                 continue;
             };

@@ -164,8 +164,10 @@ enum Command {
         session: u64,
         paused: bool,
     },
+    /// Ends one stream of the session (`index`), or all of it.
     Remove {
         session: u64,
+        index: Option<usize>,
     },
 }
 
@@ -369,7 +371,21 @@ impl Relay {
 
     /// Closes the session's sockets; its thread gives the ports back.
     pub fn remove(&self, session: MediaSessionId) {
-        self.send(session, Command::Remove { session: session.0 });
+        let command = Command::Remove {
+            session: session.0,
+            index: None,
+        };
+        self.send(session, command);
+    }
+
+    /// Closes the sockets of stream `index` (an m-line the call no longer
+    /// carries); the session's other streams go on.
+    pub fn remove_stream(&self, session: MediaSessionId, index: usize) {
+        let command = Command::Remove {
+            session: session.0,
+            index: Some(index),
+        };
+        self.send(session, command);
     }
 }
 
@@ -588,6 +604,16 @@ struct SessionEntry {
     since: Instant,
 }
 
+/// Where in a session's `slots` the slot of its stream `index` is.
+fn find_slot(streams: &[Option<StreamEntry>], slots: &[usize], index: usize) -> Option<usize> {
+    slots.iter().position(|&slot| {
+        streams
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.index == index)
+    })
+}
+
 /// What a relay thread owns whatever its backend: the streams and their
 /// latching, the commands from signalling, the counters and the
 /// `rtp_timeout` sweep.
@@ -764,12 +790,8 @@ impl Thread {
                     return;
                 };
                 entry.since = now;
-                let slot = entry.slots.iter().copied().find(|&slot| {
-                    self.streams
-                        .get(slot)
-                        .and_then(Option::as_ref)
-                        .is_some_and(|s| s.index == index)
-                });
+                let slot = find_slot(&self.streams, &entry.slots, index)
+                    .and_then(|at| entry.slots.get(at).copied());
                 let stream = slot.and_then(|slot| self.streams.get_mut(slot)?.as_mut());
                 if let Some([rtp, rtcp]) = stream.and_then(|s| s.channels.get_mut(leg)) {
                     let addrs = [remote.map(|r| r.rtp), remote.map(|r| r.rtcp)];
@@ -790,7 +812,7 @@ impl Thread {
                     entry.since = now;
                 }
             }
-            Command::Remove { session } => self.remove(session, io),
+            Command::Remove { session, index } => self.remove(session, index, io),
         }
     }
 
@@ -849,11 +871,16 @@ impl Thread {
             .push(slot);
     }
 
-    fn remove(&mut self, session: u64, io: &mut impl Watch) {
-        let Some(entry) = self.sessions.remove(&session) else {
-            return;
+    /// Closes stream `index` of the session, or the whole session.
+    fn remove(&mut self, session: u64, index: Option<usize>, io: &mut impl Watch) {
+        let slots = match index {
+            None => self.sessions.remove(&session).map(|entry| entry.slots),
+            Some(index) => self.sessions.get_mut(&session).and_then(|entry| {
+                let at = find_slot(&self.streams, &entry.slots, index)?;
+                Some(vec![entry.slots.swap_remove(at)])
+            }),
         };
-        for slot in entry.slots {
+        for slot in slots.into_iter().flatten() {
             let Some(stream) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
@@ -906,7 +933,7 @@ impl Thread {
     fn shutdown(&mut self, io: &mut impl Watch) {
         let sessions: Vec<u64> = self.sessions.keys().copied().collect();
         for session in sessions {
-            self.remove(session, io);
+            self.remove(session, None, io);
         }
     }
 
