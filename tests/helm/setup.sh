@@ -16,7 +16,10 @@ if [ -x "$CACHE/helm" ] && "$CACHE/helm" version --short 2>/dev/null | grep -q "
 fi
 
 . "$(dirname "$0")/../apt.sh"
-apt_install_missing npm python3
+# Debian's npm conflicts with a Node.js from elsewhere (NodeSource's nodejs
+# carries its own npm): install it only when there is no npm command.
+command -v npm >/dev/null || apt_install_missing npm
+command -v python3 >/dev/null || apt_install_missing python3
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 (cd "$tmp" && npm pack --silent "$PACKAGE" >/dev/null)
