@@ -40,6 +40,12 @@ use crate::status::PbxStatus;
 const RETRY_AFTER_BUSY: u32 = 5;
 const RETRY_AFTER_DRAIN: u32 = 30;
 
+/// Times the PBX offers a leg its session again before it gives up.
+const RESTORE_ATTEMPTS: u8 = 3;
+/// The longest Retry-After the PBX waits out to offer a session again
+/// (RFC 3261 §14.2 has a phone ask for 0 to 10 s).
+const RESTORE_RETRY_AFTER_LIMIT: Duration = Duration::from_secs(10);
+
 /// Headers relayed from one leg to the other with a request.
 const REQUEST_HEADERS: [&str; 19] = [
     "Supported",
@@ -119,8 +125,8 @@ enum ClientPurpose {
     /// answered with a 2xx: repeats of the 2xx get the ACK again.
     Answered(CallKey, LegSide),
     /// The PBX's own re-INVITE that puts the leg on this side back into
-    /// the session the relay carries.
-    Restore(CallKey, LegSide),
+    /// the session the relay carries; its attempt, from 1.
+    Restore(CallKey, LegSide, u8),
     Bye(CallKey, LegSide),
 }
 
@@ -133,6 +139,8 @@ enum CallTimer {
     /// Forget how to acknowledge repeats of the 2xx to an in-dialog INVITE
     /// of ours (key: its transaction).
     Answered,
+    /// Offer the leg its session again, attempt n (key: call).
+    Restore(LegSide, u8),
 }
 
 /// Reason of the CANCEL sent to the phones that lost the race to answer
@@ -624,7 +632,9 @@ impl B2bua {
             Some(ClientPurpose::Invite(key)) => ClientPurpose::Invite(*key),
             Some(ClientPurpose::Relay(relay)) => ClientPurpose::Relay(relay.clone()),
             Some(ClientPurpose::Answered(key, side)) => ClientPurpose::Answered(*key, *side),
-            Some(ClientPurpose::Restore(key, side)) => ClientPurpose::Restore(*key, *side),
+            Some(ClientPurpose::Restore(key, side, attempt)) => {
+                ClientPurpose::Restore(*key, *side, *attempt)
+            }
             Some(ClientPurpose::Bye(key, side)) => ClientPurpose::Bye(*key, *side),
             None => return self.on_orphan_response(tx, &response, txl, now),
         };
@@ -645,19 +655,24 @@ impl B2bua {
                 }
                 self.relay_response(*relay, response, txl, now)
             }
-            ClientPurpose::Restore(key, side) if (200..300).contains(&code) => {
+            ClientPurpose::Restore(key, side, _) if (200..300).contains(&code) => {
                 self.await_repeats(tx, key, side, now);
                 self.on_restored(key, side, &response, txl);
             }
-            ClientPurpose::Restore(key, _) => {
-                if code >= 300 {
-                    tracing::warn!(
+            ClientPurpose::Restore(key, side, attempt) if code >= 300 => {
+                match restore_retry(&response, side).filter(|_| attempt < RESTORE_ATTEMPTS) {
+                    Some(wait) => self
+                        .timers
+                        .schedule(now + wait, (key, CallTimer::Restore(side, attempt + 1))),
+                    None => tracing::warn!(
                         call = key,
                         code,
+                        attempt,
                         "the re-INVITE restoring the session was refused"
-                    );
+                    ),
                 }
             }
+            ClientPurpose::Restore(..) => {}
             ClientPurpose::Answered(key, side) => {
                 if let Some(call) = self.calls.get(&key) {
                     call.repeat_ack(side, &response, txl);
@@ -689,6 +704,7 @@ impl B2bua {
         &mut self,
         key: CallKey,
         side: LegSide,
+        attempt: u8,
         txl: &mut TransactionLayer,
         now: Instant,
     ) {
@@ -709,7 +725,7 @@ impl B2bua {
         invite.set_body(Some("application/sdp"), offer);
         let tx = txl.send_request(invite, leg.peer, now);
         self.client_txs
-            .insert(tx, ClientPurpose::Restore(key, side));
+            .insert(tx, ClientPurpose::Restore(key, side, attempt));
     }
 
     fn on_restored(
@@ -1149,7 +1165,7 @@ impl B2bua {
                 let mut refusal = Message::response_to(&relay.request, 488, Some(&origin_tag));
                 refusal.headers.push("Warning", UNRELAYABLE_SDP);
                 txl.respond(relay.server_tx, &refusal, now);
-                return self.restore_session(relay.call, responder, txl, now);
+                return self.restore_session(relay.call, responder, 1, txl, now);
             }
             tracing::warn!(call = relay.call, %error, "body of a response not relayed");
         }
@@ -1341,6 +1357,10 @@ impl B2bua {
                     self.client_txs.remove(&key);
                     continue;
                 }
+                CallTimer::Restore(side, attempt) => {
+                    self.restore_session(key, side, attempt, txl, now);
+                    continue;
+                }
                 CallTimer::Ring => {}
             }
             let Some(call) = self.calls.get(&key) else {
@@ -1386,6 +1406,29 @@ impl B2bua {
         if let Some(key) = key {
             self.hang_up(key, None, EndReason::RtpTimeout, txl, now);
         }
+    }
+}
+
+/// When to offer a leg its session again after `refusal`, if ever: a 491
+/// crossed a re-INVITE of the leg's own, and RFC 3261 §14.1 has the owner
+/// of the Call-ID (the PBX, on the B leg) wait 2.1 to 4 s and the other
+/// side 0 to 2 s, so that the two do not cross again; a 500 or 503 with a
+/// short Retry-After came while the leg was busy. Anything else is final.
+fn restore_retry(refusal: &Message, side: LegSide) -> Option<Duration> {
+    match refusal.code()? {
+        491 => {
+            let tens_of_ms = match side {
+                LegSide::A => rand::random_range(0..=200),
+                LegSide::B => rand::random_range(210..=400),
+            };
+            Some(Duration::from_millis(10 * tens_of_ms))
+        }
+        500 | 503 => {
+            let value = refusal.headers.get("Retry-After")?;
+            let seconds = value.split([';', '(', ' ']).next()?.trim().parse().ok()?;
+            Some(Duration::from_secs(seconds)).filter(|&d| d <= RESTORE_RETRY_AFTER_LIMIT)
+        }
+        _ => None,
     }
 }
 
@@ -1523,4 +1566,42 @@ fn refuse(txl: &mut TransactionLayer, tx: TxId, request: &Message, refusal: Refu
         response.headers.push(name, value);
     }
     txl.respond(tx, &response, now);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::parse::parse_datagram;
+
+    fn refusal(status: &str, extra: &str) -> Message {
+        let text = format!(
+            "SIP/2.0 {status}\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 2 INVITE\r\n{extra}\r\n"
+        );
+        parse_datagram(text.as_bytes()).expect("framed").message
+    }
+
+    #[test]
+    fn a_refused_restoring_offer_is_retried_only_after_glare_or_a_short_wait() {
+        let glare = refusal("491 Request Pending", "");
+        for _ in 0..50 {
+            let owner = restore_retry(&glare, LegSide::B).expect("retried");
+            assert!((Duration::from_millis(2100)..=Duration::from_secs(4)).contains(&owner));
+            let other = restore_retry(&glare, LegSide::A).expect("retried");
+            assert!(other <= Duration::from_secs(2));
+        }
+        let busy = refusal("500 Server Internal Error", "Retry-After: 3 (busy)\r\n");
+        assert_eq!(
+            restore_retry(&busy, LegSide::B),
+            Some(Duration::from_secs(3))
+        );
+        for (status, extra) in [
+            ("500 Server Internal Error", ""),
+            ("503 Service Unavailable", "Retry-After: 3600\r\n"),
+            ("488 Not Acceptable Here", "Retry-After: 1\r\n"),
+            ("481 Call/Transaction Does Not Exist", ""),
+        ] {
+            let refused = refusal(status, extra);
+            assert_eq!(restore_retry(&refused, LegSide::B), None, "{status}");
+        }
+    }
 }

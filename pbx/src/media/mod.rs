@@ -14,7 +14,7 @@ pub use relay::MediaCounters;
 use bytes::Bytes;
 
 /// The caller's leg (A) or the callee's leg (B) of a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LegSide {
     A,
     B,
