@@ -368,33 +368,58 @@ fn ports(body: &[u8]) -> Vec<u16> {
     description.streams.iter().map(|s| s.port).collect()
 }
 
-#[test]
-fn video_is_relayed_on_ports_of_its_own() {
-    let mut pbx = pbx(25800, 25899, 60, "127.0.0.1");
-    let ip = pbx.ip;
-    let (a, b, video_a, video_b) = (phone(ip), phone(ip), phone(ip), phone(ip));
-    let id = pbx.media.open().expect("open");
+/// Phone A's audio and video, and phone B's.
+struct VideoPhones {
+    a: Phone,
+    b: Phone,
+    video_a: Phone,
+    video_b: Phone,
+}
+
+fn video_phones(ip: IpAddr) -> VideoPhones {
+    VideoPhones {
+        a: phone(ip),
+        b: phone(ip),
+        video_a: phone(ip),
+        video_b: phone(ip),
+    }
+}
+
+/// A offers audio and video, B takes both, and a video frame crosses each
+/// way: the offer and the answer as the PBX rewrote them.
+fn relay_video(pbx: &mut Pbx, id: MediaSessionId, phones: &VideoPhones) -> (Bytes, Bytes) {
+    let VideoPhones {
+        a,
+        b,
+        video_a,
+        video_b,
+    } = phones;
     let offer = pbx
         .media
-        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&video_line(&video_a)))
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&video_line(video_a)))
         .expect("offer");
     let answer = pbx
         .media
-        .relay_sdp(
-            id,
-            LegSide::B,
-            SdpRole::Answer,
-            b.sdp(&video_line(&video_b)),
-        )
+        .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(&video_line(video_b)))
         .expect("answer");
+    send(&video_a.rtp, pbx.ip, ports(&answer)[1], b"frame from a");
+    assert_eq!(receive(&video_b.rtp), b"frame from a");
+    send(&video_b.rtp, pbx.ip, ports(&offer)[1], b"frame from b");
+    assert_eq!(receive(&video_a.rtp), b"frame from b");
+    (offer, answer)
+}
+
+#[test]
+fn video_is_relayed_on_ports_of_its_own() {
+    let mut pbx = pbx(25800, 25899, 60, "127.0.0.1");
+    let phones = video_phones(pbx.ip);
+    let id = pbx.media.open().expect("open");
+    let (offer, answer) = relay_video(&mut pbx, id, &phones);
     let (offered, answered) = (ports(&offer), ports(&answer));
     assert_eq!(offered.len(), 2);
     assert!(offered[1] != 0 && offered[1] != offered[0]);
-    send(&video_a.rtp, ip, answered[1], b"frame from a");
-    assert_eq!(receive(&video_b.rtp), b"frame from a");
-    send(&video_b.rtp, ip, offered[1], b"frame from b");
-    assert_eq!(receive(&video_a.rtp), b"frame from b");
-    send(&a.rtp, ip, answered[0], b"voice");
+    let VideoPhones { a, b, .. } = &phones;
+    send(&a.rtp, pbx.ip, answered[0], b"voice");
     assert_eq!(receive(&b.rtp), b"voice");
     pbx.media.close(id);
 }
@@ -430,13 +455,12 @@ fn wait_for_ports_in_use(pbx: &Pbx, ports: usize) {
 #[test]
 fn video_the_answer_refuses_gives_its_ports_back() {
     let mut pbx = pbx(26400, 26499, 60, "127.0.0.1");
-    let ip = pbx.ip;
-    let (a, b, video_a, video_b) = (phone(ip), phone(ip), phone(ip), phone(ip));
+    let phones = video_phones(pbx.ip);
+    let VideoPhones { a, b, video_a, .. } = &phones;
     let id = pbx.media.open().expect("open");
-    let with_video = a.sdp(&video_line(&video_a));
     let offer = pbx
         .media
-        .relay_sdp(id, LegSide::A, SdpRole::Offer, with_video.clone())
+        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&video_line(video_a)))
         .expect("offer");
     assert_eq!(
         ports_in_use(&pbx),
@@ -450,7 +474,7 @@ fn video_the_answer_refuses_gives_its_ports_back() {
         .expect("answer");
     assert_eq!(ports(&answer)[1], 0);
     wait_for_ports_in_use(&pbx, 4);
-    send(&a.rtp, ip, ports(&answer)[0], b"voice goes on");
+    send(&a.rtp, pbx.ip, ports(&answer)[0], b"voice goes on");
     assert_eq!(receive(&b.rtp), b"voice goes on");
 
     // The session in force with B has no video now: a re-offer the PBX
@@ -461,25 +485,9 @@ fn video_the_answer_refuses_gives_its_ports_back() {
         .expect("B's session");
     assert_eq!(ports(&restoring), vec![ports(&offer)[0], 0]);
 
-    // A offers video again: new ports, relayed once B accepts.
-    let reoffer = pbx
-        .media
-        .relay_sdp(id, LegSide::A, SdpRole::Offer, with_video)
-        .expect("re-offer");
+    // A offers video again: new ports, relayed once B takes it.
+    relay_video(&mut pbx, id, &phones);
     assert_eq!(ports_in_use(&pbx), 8);
-    let answer = pbx
-        .media
-        .relay_sdp(
-            id,
-            LegSide::B,
-            SdpRole::Answer,
-            b.sdp(&video_line(&video_b)),
-        )
-        .expect("answer with video");
-    send(&video_a.rtp, ip, ports(&answer)[1], b"frame");
-    assert_eq!(receive(&video_b.rtp), b"frame");
-    send(&video_b.rtp, ip, ports(&reoffer)[1], b"frame back");
-    assert_eq!(receive(&video_a.rtp), b"frame back");
     pbx.media.close(id);
     wait_for_ports_in_use(&pbx, 0);
 }

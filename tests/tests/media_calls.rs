@@ -545,18 +545,7 @@ fn an_unusable_answer_is_followed_by_a_reinvite_that_restores_the_session() {
     let callee = SipClient::new();
     let pbx = Pbx::start(callee.addr().port(), &bypass(""));
     let call = establish(&pbx, &callee, "0", "restore-1").expect("answered");
-    let hold = audio_sdp(call.a.0.local_addr().expect("addr").port(), "0")
-        .replace("a=sendrecv", "a=sendonly");
-    call.caller
-        .send(&call.request("INVITE", 2, Some(&hold)), call.pbx);
-    let reinvite = call.callee.expect_request("INVITE");
-    let unusable = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0")
-        .replace("m=audio", "m=audio twenty");
-    let ok = response_to(&reinvite, "200 OK", call.callee.addr(), Some(&unusable));
-    call.callee.send(&ok, call.pbx);
-    call.callee.expect_request("ACK");
-    let (code, _) = call.caller.final_response(LIMIT).expect("an answer");
-    assert_eq!(code, 488);
+    let reinvite = hold_answered_with_unusable_sdp(&call);
 
     let restore = call.callee.expect_request("INVITE");
     assert_eq!(sdp_session(&restore), sdp_session(&call.invite_at_b));
@@ -595,19 +584,7 @@ fn a_restoring_reinvite_refused_for_glare_or_a_busy_callee_is_sent_again() {
     let callee = SipClient::new();
     let pbx = Pbx::start(callee.addr().port(), &bypass(""));
     let call = establish(&pbx, &callee, "0", "restore-again-1").expect("answered");
-    let hold = audio_sdp(call.a.0.local_addr().expect("addr").port(), "0")
-        .replace("a=sendrecv", "a=sendonly");
-    call.caller
-        .send(&call.request("INVITE", 2, Some(&hold)), call.pbx);
-    let reinvite = call.callee.expect_request("INVITE");
-    let unusable = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0")
-        .replace("m=audio", "m=audio twenty");
-    let ok = response_to(&reinvite, "200 OK", call.callee.addr(), Some(&unusable));
-    call.callee.send(&ok, call.pbx);
-    call.callee.expect_request("ACK");
-    let (code, _) = call.caller.final_response(LIMIT).expect("an answer");
-    assert_eq!(code, 488);
-
+    hold_answered_with_unusable_sdp(&call);
     let mut restore = call.callee.expect_request("INVITE");
     for refusal in [
         "491 Request Pending",
@@ -962,6 +939,25 @@ fn a_repeated_2xx_to_a_relayed_reinvite_gets_its_ack_again() {
     assert_eq!(again, ack);
     call.exchange(1);
     hang_up(&call);
+}
+
+/// The caller puts the call on hold; the callee answers the re-INVITE with
+/// a 200 whose SDP the relay cannot use, is acknowledged, and the caller
+/// gets 488: the re-INVITE as the callee got it.
+fn hold_answered_with_unusable_sdp(call: &Call) -> String {
+    let hold = audio_sdp(call.a.0.local_addr().expect("addr").port(), "0")
+        .replace("a=sendrecv", "a=sendonly");
+    call.caller
+        .send(&call.request("INVITE", 2, Some(&hold)), call.pbx);
+    let reinvite = call.callee.expect_request("INVITE");
+    let unusable = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0")
+        .replace("m=audio", "m=audio twenty");
+    let ok = response_to(&reinvite, "200 OK", call.callee.addr(), Some(&unusable));
+    call.callee.send(&ok, call.pbx);
+    call.callee.expect_request("ACK");
+    let (code, _) = call.caller.final_response(LIMIT).expect("an answer");
+    assert_eq!(code, 488);
+    reinvite
 }
 
 /// Answers the re-INVITE with which the PBX puts the callee back into the
