@@ -126,9 +126,12 @@ impl SentSdp {
         } else {
             let last = refused.iter().max().map_or(0, |&i| i + 1);
             let actions: Vec<Action> = (0..last)
-                .map(|i| match refused.contains(&i) {
-                    true => Action::Reject,
-                    false => Action::Keep,
+                .map(|i| {
+                    if refused.contains(&i) {
+                        Action::Reject
+                    } else {
+                        Action::Keep
+                    }
                 })
                 .collect();
             sdp::rewrite(&offer, advertised, &actions).map_or(offer, Bytes::from)
@@ -500,8 +503,7 @@ impl SessionMedia for RelayMedia {
         };
         let leg = leg_index(offerer);
         for (index, slot) in session.streams.iter_mut().enumerate() {
-            if slot.as_ref().is_some_and(|ports| ports.added_by_offer) {
-                *slot = None;
+            if slot.take_if(|ports| ports.added_by_offer).is_some() {
                 self.relay.remove_stream(id, index);
             }
             let Some(ports) = slot else {
