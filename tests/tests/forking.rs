@@ -3,13 +3,17 @@
 //! other is cancelled ("call completed elsewhere"), no earlier than it has
 //! rung; a phone answering too late is acknowledged and hung up; when every
 //! phone refuses, the caller hears the best refusal, and a 6xx from one
-//! phone ends the search.
+//! phone ends the search. A stream one phone's early answer refuses keeps
+//! its relay ports for the phone that answers.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
+use sip_pbx_e2e::media::{media_pair, receive, rtp};
 use sip_pbx_e2e::phone::Phone;
-use sip_pbx_e2e::{caller_request, header, invite, response_to, wait_until, Pbx, SipClient};
+use sip_pbx_e2e::{
+    audio_sdp, caller_request, header, invite, response_to, wait_until, Pbx, SipClient,
+};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -63,10 +67,11 @@ fn respond(phone: &Phone, request: &str, status: &str, to: SocketAddr) {
         .send(&response_to(request, status, phone.client.addr(), None), to);
 }
 
-/// `phone` answers: the caller gets the 200 and acknowledges it, and the
-/// ACK reaches the phone. Returns the caller's 200.
-fn answer(pbx: &Pbx, caller: &SipClient, phone: &Phone, invite: &str) -> String {
-    respond(phone, invite, "200 OK", pbx.sip_addr());
+/// `phone` answers (with `sdp`, when given): the caller gets the 200 and
+/// acknowledges it, and the ACK reaches the phone. Returns the caller's 200.
+fn answer(pbx: &Pbx, caller: &SipClient, phone: &Phone, invite: &str, sdp: Option<&str>) -> String {
+    let ok = response_to(invite, "200 OK", phone.client.addr(), sdp);
+    phone.client.send(&ok, pbx.sip_addr());
     let (code, ok) = caller.final_response(LIMIT).expect("answer");
     assert_eq!(code, 200, "{ok}");
     caller.send(
@@ -75,6 +80,16 @@ fn answer(pbx: &Pbx, caller: &SipClient, phone: &Phone, invite: &str) -> String 
     );
     phone.client.expect_request("ACK");
     ok
+}
+
+/// The PBX cancels `phone`'s `invite`: the phone answers the CANCEL and
+/// ends the INVITE with 487. Returns the CANCEL.
+fn cancelled(pbx: &Pbx, phone: &Phone, invite: &str) -> String {
+    let cancel = next(&phone.client, invite);
+    assert_eq!(method(&cancel), "CANCEL", "{cancel}");
+    respond(phone, &cancel, "200 OK", pbx.sip_addr());
+    respond(phone, invite, "487 Request Terminated", pbx.sip_addr());
+    cancel
 }
 
 /// The caller hangs up the call `ok` answered by `phone`; no call is left.
@@ -108,20 +123,12 @@ fn every_phone_rings_and_the_first_to_answer_takes_the_call() {
     let (code, ringing) = caller.final_response(LIMIT).expect("ringing");
     assert_eq!(code, 180, "{ringing}");
 
-    let ok = answer(&pbx, &caller, &phones[1], &invites[1]);
-    let cancel = next(&phones[0].client, &invites[0]);
-    assert_eq!(method(&cancel), "CANCEL", "{cancel}");
+    let ok = answer(&pbx, &caller, &phones[1], &invites[1], None);
+    let cancel = cancelled(&pbx, &phones[0], &invites[0]);
     assert_eq!(header(&cancel, "Call-ID"), header(&invites[0], "Call-ID"));
     assert!(
         header(&cancel, "Reason").is_some_and(|r| r.contains("cause=200")),
         "the desk phone is told the call was answered elsewhere: {cancel}"
-    );
-    respond(&phones[0], &cancel, "200 OK", pbx.sip_addr());
-    respond(
-        &phones[0],
-        &invites[0],
-        "487 Request Terminated",
-        pbx.sip_addr(),
     );
     let ack = next(&phones[0].client, &invites[0]);
     assert_eq!(method(&ack), "ACK", "the 487 is acknowledged: {ack}");
@@ -138,7 +145,7 @@ fn a_silent_phone_is_cancelled_once_it_rings_and_a_late_answer_is_hung_up() {
     let phones = two_phones(&pbx);
     let caller = SipClient::new();
     let invites = ring(&pbx, &caller, &phones, "fork-late");
-    let ok = answer(&pbx, &caller, &phones[1], &invites[1]);
+    let ok = answer(&pbx, &caller, &phones[1], &invites[1], None);
 
     // RFC 3261 §9.1: no CANCEL for a branch that has not answered at all.
     while let Some(text) = phones[0].client.recv(Duration::from_millis(300)) {
@@ -190,18 +197,82 @@ fn a_decline_from_one_phone_stops_the_others_ringing() {
     let invites = ring(&pbx, &caller, &phones, "fork-decline");
     respond(&phones[1], &invites[1], "180 Ringing", pbx.sip_addr());
     respond(&phones[0], &invites[0], "603 Decline", pbx.sip_addr());
-    let cancel = next(&phones[1].client, &invites[1]);
-    assert_eq!(method(&cancel), "CANCEL", "{cancel}");
-    respond(&phones[1], &cancel, "200 OK", pbx.sip_addr());
-    respond(
-        &phones[1],
-        &invites[1],
-        "487 Request Terminated",
-        pbx.sip_addr(),
-    );
+    cancelled(&pbx, &phones[1], &invites[1]);
     let (code, ringing) = caller.final_response(LIMIT).expect("ringing");
     assert_eq!(code, 180, "{ringing}");
     let (code, text) = caller.final_response(LIMIT).expect("refusal");
     assert_eq!(code, 603, "{text}");
     wait_until(LIMIT, "no calls left", || pbx.active_calls() == 0);
+}
+
+/// Audio and video SDP for RTP ports `audio` and `video` (0: refused).
+fn audio_video_sdp(audio: u16, video: u16) -> String {
+    audio_sdp(audio, "0") + &format!("m=video {video} RTP/AVP 99\r\na=rtpmap:99 H264/90000\r\n")
+}
+
+/// The port of an SDP body's first m=video line.
+fn video_port(message: &str) -> Option<u16> {
+    message
+        .lines()
+        .find_map(|l| l.strip_prefix("m=video "))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// One phone's early answer refuses the caller's video, and the other
+/// phone answers with it: the video the call ends up with is relayed, as
+/// the stream kept its ports through the early refusal.
+#[test]
+fn video_refused_in_one_phones_early_answer_is_relayed_for_the_phone_that_answers() {
+    let pbx = Pbx::start(
+        1,
+        "routes: []\n\nmedia:\n  mode: bypass\n  port_pool: {start: 30000, end: 30999}\n",
+    );
+    let phones = two_phones(&pbx);
+    let caller = SipClient::new();
+    let (audio_a, video_a) = (media_pair(), media_pair());
+    let (audio_b, video_b) = (media_pair(), media_pair());
+    let port = |pair: &(UdpSocket, UdpSocket)| pair.0.local_addr().expect("addr").port();
+    let offer = audio_video_sdp(port(&audio_a), port(&video_a));
+    caller.send(
+        &invite(
+            pbx.sip_addr(),
+            "2000",
+            caller.addr(),
+            "fork-video",
+            Some(&offer),
+        ),
+        pbx.sip_addr(),
+    );
+    let invites = phones
+        .each_ref()
+        .map(|phone| phone.client.expect_request("INVITE"));
+    let early = audio_video_sdp(port(&audio_b), 0);
+    phones[0].client.send(
+        &response_to(
+            &invites[0],
+            "183 Session Progress",
+            phones[0].client.addr(),
+            Some(&early),
+        ),
+        pbx.sip_addr(),
+    );
+    let (code, progress) = caller.final_response(LIMIT).expect("early media");
+    assert_eq!(code, 183, "{progress}");
+    assert_eq!(video_port(&progress), Some(0), "{progress}");
+
+    let both = audio_video_sdp(port(&audio_b), port(&video_b));
+    let ok = answer(&pbx, &caller, &phones[1], &invites[1], Some(&both));
+    let to_pbx = video_port(&ok)
+        .filter(|&p| p != 0)
+        .expect("video in the 200");
+    let target = SocketAddr::new(pbx.sip_addr().ip(), to_pbx);
+    video_a.0.send_to(&rtp(1, 0xA0), target).expect("send");
+    let (got, _) = receive(&video_b.0).expect("the caller's video at the answering phone");
+    assert_eq!(got, rtp(1, 0xA0));
+
+    cancelled(&pbx, &phones[0], &invites[0]);
+    hang_up(&pbx, &caller, &ok, &phones[1]);
 }

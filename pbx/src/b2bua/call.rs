@@ -242,12 +242,21 @@ impl Call {
         }
     }
 
-    /// Offer or answer for an SDP body in a response from `from` to a
-    /// request that did (or did not) carry an offer.
-    pub fn response_sdp_role(&mut self, from: LegSide, request_had_offer: bool) -> SdpRole {
+    /// Offer or answer for an SDP body in response `code` from `from` to
+    /// a request that did (or did not) carry an offer.
+    pub fn response_sdp_role(
+        &mut self,
+        from: LegSide,
+        code: u16,
+        request_had_offer: bool,
+    ) -> SdpRole {
         if request_had_offer {
             self.open_offer = None;
-            SdpRole::Answer
+            if code < 200 {
+                SdpRole::ProvisionalAnswer
+            } else {
+                SdpRole::Answer
+            }
         } else {
             self.open_offer = Some(from);
             SdpRole::Offer

@@ -1125,7 +1125,7 @@ impl B2bua {
             );
             None
         } else if let Some(sdp) = sdp.clone() {
-            let role = call.response_sdp_role(responder, relay.carried_offer);
+            let role = call.response_sdp_role(responder, code, relay.carried_offer);
             match self.media.relay_sdp(call.media, responder, role, sdp) {
                 Ok(body) => {
                     relayed.set_body(Some("application/sdp"), body);
@@ -1540,7 +1540,8 @@ fn callee_response_to_caller(
 ) -> Result<Message, MediaError> {
     let mut relayed = to_caller(call, response);
     if let Some(sdp) = response.sdp() {
-        let role = call.response_sdp_role(LegSide::B, call.a_invite.sdp().is_some());
+        let code = response.code().unwrap_or(500);
+        let role = call.response_sdp_role(LegSide::B, code, call.a_invite.sdp().is_some());
         let body = media.relay_sdp(call.media, LegSide::B, role, sdp)?;
         relayed.set_body(Some("application/sdp"), body);
     }

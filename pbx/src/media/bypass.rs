@@ -290,7 +290,7 @@ impl RelayMedia {
                 if index >= MAX_STREAMS || !stream.relayable() {
                     return Wanted::Reject;
                 }
-                if role == SdpRole::Answer || !stream.is_audio() {
+                if role.is_answer() || !stream.is_audio() {
                     return Wanted::Relay(None);
                 }
                 audio_offered = true;
@@ -408,7 +408,7 @@ impl RelayMedia {
             })
             .collect();
         let body = sdp::rewrite(sdp, self.advertised, &actions)?;
-        if role == SdpRole::Answer {
+        if role.is_answer() {
             let offerer = 1 - from;
             for ports in session.streams.iter_mut().flatten() {
                 if let Some(before) = ports.before_offer.get_mut(offerer) {
@@ -420,8 +420,10 @@ impl RelayMedia {
                 .filter(|(_, stream)| stream.port == 0)
                 .map(|(index, _)| index)
                 .collect();
-            for &index in &refused {
-                self.release_stream(session, id, index);
+            if role == SdpRole::Answer {
+                for &index in &refused {
+                    self.release_stream(session, id, index);
+                }
             }
             if let Some(answerer) = session.sent.get_mut(from) {
                 answerer.answered(&refused, self.advertised);
@@ -471,7 +473,7 @@ impl SessionMedia for RelayMedia {
             let body = to.stamp(body, false);
             match role {
                 SdpRole::Offer => to.offered = Some(body.clone()),
-                SdpRole::Answer => to.settled = Some(body.clone()),
+                SdpRole::Answer | SdpRole::ProvisionalAnswer => to.settled = Some(body.clone()),
             }
             Ok(body)
         })

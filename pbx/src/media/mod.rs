@@ -34,6 +34,16 @@ impl LegSide {
 pub enum SdpRole {
     Offer,
     Answer,
+    /// An answer in a provisional response: another phone the call forked
+    /// to may still answer the same offer, and take up a stream this one
+    /// refuses, so the stream keeps its ports.
+    ProvisionalAnswer,
+}
+
+impl SdpRole {
+    pub fn is_answer(self) -> bool {
+        matches!(self, SdpRole::Answer | SdpRole::ProvisionalAnswer)
+    }
 }
 
 /// A call's media as the media layer knows it.
@@ -120,7 +130,7 @@ impl SessionMedia for DirectMedia {
         role: SdpRole,
         sdp: Bytes,
     ) -> Result<Bytes, MediaError> {
-        if role == SdpRole::Answer {
+        if role.is_answer() {
             if let Some(codec) = first_codec(&sdp) {
                 self.codecs.insert(session, codec);
             }
