@@ -385,28 +385,37 @@ fn video_phones(ip: IpAddr) -> VideoPhones {
     }
 }
 
+/// B answers with its video, and a frame from A's video reaches it: the
+/// answer as the PBX rewrote it.
+fn answer_with_video(pbx: &mut Pbx, id: MediaSessionId, phones: &VideoPhones) -> Bytes {
+    let body = phones.b.sdp(&video_line(&phones.video_b));
+    let answer = pbx.media.relay_sdp(id, LegSide::B, SdpRole::Answer, body);
+    let answer = answer.expect("answer");
+    crosses(pbx, &phones.video_a, ports(&answer)[1], &phones.video_b);
+    answer
+}
+
+/// A packet `from` sends to the PBX's `port` reaches `to` intact.
+fn crosses(pbx: &Pbx, from: &Phone, port: u16, to: &Phone) {
+    let payload = format!("to port {port}");
+    send(&from.rtp, pbx.ip, port, payload.as_bytes());
+    assert_eq!(receive(&to.rtp), payload.as_bytes());
+}
+
 /// A offers audio and video, B takes both, and a video frame crosses each
 /// way: the offer and the answer as the PBX rewrote them.
 fn relay_video(pbx: &mut Pbx, id: MediaSessionId, phones: &VideoPhones) -> (Bytes, Bytes) {
-    let VideoPhones {
-        a,
-        b,
-        video_a,
-        video_b,
-    } = phones;
-    let offer = pbx
-        .media
-        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&video_line(video_a)))
-        .expect("offer");
-    let answer = pbx
-        .media
-        .relay_sdp(id, LegSide::B, SdpRole::Answer, b.sdp(&video_line(video_b)))
-        .expect("answer");
-    send(&video_a.rtp, pbx.ip, ports(&answer)[1], b"frame from a");
-    assert_eq!(receive(&video_b.rtp), b"frame from a");
-    send(&video_b.rtp, pbx.ip, ports(&offer)[1], b"frame from b");
-    assert_eq!(receive(&video_a.rtp), b"frame from b");
+    let offer = offer_video(pbx, id, phones);
+    let answer = answer_with_video(pbx, id, phones);
+    crosses(pbx, &phones.video_b, ports(&offer)[1], &phones.video_a);
     (offer, answer)
+}
+
+/// A offers audio and video: the offer as the PBX rewrote it for B.
+fn offer_video(pbx: &mut Pbx, id: MediaSessionId, phones: &VideoPhones) -> Bytes {
+    let body = phones.a.sdp(&video_line(&phones.video_a));
+    let offer = pbx.media.relay_sdp(id, LegSide::A, SdpRole::Offer, body);
+    offer.expect("offer")
 }
 
 #[test]
@@ -452,16 +461,20 @@ fn wait_for_ports_in_use(pbx: &Pbx, ports: usize) {
     });
 }
 
+/// The ports of the offer the PBX would make B of its own (to restore the
+/// session in force with it).
+fn restoring_ports(pbx: &mut Pbx, id: MediaSessionId) -> Vec<u16> {
+    let offer = pbx.media.restoring_offer(id, LegSide::B);
+    ports(&offer.expect("B's session"))
+}
+
 #[test]
 fn video_the_answer_refuses_gives_its_ports_back() {
     let mut pbx = pbx(26400, 26499, 60, "127.0.0.1");
     let phones = video_phones(pbx.ip);
-    let VideoPhones { a, b, video_a, .. } = &phones;
+    let VideoPhones { a, b, .. } = &phones;
     let id = pbx.media.open().expect("open");
-    let offer = pbx
-        .media
-        .relay_sdp(id, LegSide::A, SdpRole::Offer, a.sdp(&video_line(video_a)))
-        .expect("offer");
+    let offer = offer_video(&mut pbx, id, &phones);
     assert_eq!(
         ports_in_use(&pbx),
         8,
@@ -479,17 +492,50 @@ fn video_the_answer_refuses_gives_its_ports_back() {
 
     // The session in force with B has no video now: a re-offer the PBX
     // makes B of its own disables it, instead of naming ports it gave back.
-    let restoring = pbx
-        .media
-        .restoring_offer(id, LegSide::B)
-        .expect("B's session");
-    assert_eq!(ports(&restoring), vec![ports(&offer)[0], 0]);
+    assert_eq!(restoring_ports(&mut pbx, id), vec![ports(&offer)[0], 0]);
 
     // A offers video again: new ports, relayed once B takes it.
     relay_video(&mut pbx, id, &phones);
     assert_eq!(ports_in_use(&pbx), 8);
     pbx.media.close(id);
     wait_for_ports_in_use(&pbx, 0);
+}
+
+/// A call forked to two phones: one refuses the video in its early
+/// answer, the other takes it up in the final one. The refusal holds until
+/// a final answer confirms it, and the session the PBX keeps with B is the
+/// one the final answer settled.
+#[test]
+fn video_refused_only_in_an_early_answer_keeps_its_ports() {
+    let mut pbx = pbx(26600, 26699, 60, "127.0.0.1");
+    let phones = video_phones(pbx.ip);
+    let id = pbx.media.open().expect("open");
+    let offer = offer_video(&mut pbx, id, &phones);
+    let early = phones.b.sdp("m=video 0 RTP/AVP 99\r\n");
+    let progress = pbx
+        .media
+        .relay_sdp(id, LegSide::B, SdpRole::ProvisionalAnswer, early.clone())
+        .expect("early answer");
+    assert_eq!(ports(&progress)[1], 0);
+    assert_eq!(ports_in_use(&pbx), 8, "the video keeps its ports");
+    answer_with_video(&mut pbx, id, &phones);
+    assert_eq!(
+        restoring_ports(&mut pbx, id),
+        ports(&offer),
+        "video in force with B"
+    );
+
+    // Refused early and again in the final answer: the ports go back.
+    let second = pbx.media.open().expect("open");
+    offer_video(&mut pbx, second, &phones);
+    for role in [SdpRole::ProvisionalAnswer, SdpRole::Answer] {
+        pbx.media
+            .relay_sdp(second, LegSide::B, role, early.clone())
+            .expect("answer without video");
+    }
+    wait_for_ports_in_use(&pbx, 8 + 4);
+    pbx.media.close(id);
+    pbx.media.close(second);
 }
 
 #[test]

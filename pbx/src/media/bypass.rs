@@ -117,8 +117,14 @@ impl SentSdp {
 
     /// The leg answered the offer the PBX sent it; the m-lines its answer
     /// refused are disabled (port 0) in the session now in force with it.
-    fn answered(&mut self, refused: &[usize], advertised: IpAddr) {
-        let Some(offer) = self.offered.take() else {
+    /// A provisional answer leaves the offer open: another phone the call
+    /// forked to may still answer it otherwise.
+    fn answered(&mut self, role: SdpRole, refused: &[usize], advertised: IpAddr) {
+        let offer = match role {
+            SdpRole::ProvisionalAnswer => self.offered.clone(),
+            _ => self.offered.take(),
+        };
+        let Some(offer) = offer else {
             return;
         };
         let settled = if refused.is_empty() {
@@ -426,7 +432,7 @@ impl RelayMedia {
                 }
             }
             if let Some(answerer) = session.sent.get_mut(from) {
-                answerer.answered(&refused, self.advertised);
+                answerer.answered(role, &refused, self.advertised);
             }
             session.codec = description.codec();
             let live: Vec<&Stream> = description.streams.iter().filter(|s| s.port != 0).collect();
