@@ -29,7 +29,7 @@ use crate::events::{CallParties, CallSummary, Disposition, EndReason, Event, Eve
 use crate::media::{LegSide, MediaError, SdpRole, SessionMedia};
 use crate::registrar::store::Binding;
 use crate::registrar::{self, Limits, RegisterError, Registration};
-use crate::sip::message::{Message, Method, StartLine};
+use crate::sip::message::{delta_seconds, Message, Method, StartLine};
 use crate::sip::timer::TimerQueue;
 use crate::sip::transaction::{TransactionLayer, TuEvent, TxId};
 use crate::sip::transport::{Peer, Protocol};
@@ -1424,9 +1424,8 @@ fn restore_retry(refusal: &Message, side: LegSide) -> Option<Duration> {
             Some(Duration::from_millis(10 * tens_of_ms))
         }
         500 | 503 => {
-            let value = refusal.headers.get("Retry-After")?;
-            let seconds = value.split([';', '(', ' ']).next()?.trim().parse().ok()?;
-            Some(Duration::from_secs(seconds)).filter(|&d| d <= RESTORE_RETRY_AFTER_LIMIT)
+            let seconds = delta_seconds(refusal.headers.get("Retry-After")?)?;
+            Some(Duration::from_secs(seconds.into())).filter(|&d| d <= RESTORE_RETRY_AFTER_LIMIT)
         }
         _ => None,
     }

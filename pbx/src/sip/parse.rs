@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use super::message::{CSeq, Header, Headers, Message, Method, StartLine, Via};
+use super::message::{delta_seconds, CSeq, Header, Headers, Message, Method, StartLine, Via};
 use super::uri::{split_unquoted, NameAddr, Uri};
 
 /// Largest message the PBX accepts, on any transport.
@@ -384,9 +384,7 @@ fn check(message: &Message) -> Result<(), Defect> {
     }
     for name in ["Expires", "Retry-After"] {
         if let Some(v) = h.get(name) {
-            let num = v.split([';', '(', ' ']).next().unwrap_or_default();
-            num.parse::<u32>()
-                .map_err(|_| defect(400, format!("{name} {v:?}")))?;
+            delta_seconds(v).ok_or_else(|| defect(400, format!("{name} {v:?}")))?;
         }
     }
     if let Some(w) = h.get("Warning") {
