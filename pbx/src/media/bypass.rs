@@ -116,10 +116,10 @@ impl SentSdp {
     }
 
     /// The leg answered the offer the PBX sent it; the m-lines its answer
-    /// refused are disabled (port 0) in the session now in force with it.
-    /// A provisional answer leaves the offer open: another phone the call
-    /// forked to may still answer it otherwise.
-    fn answered(&mut self, role: SdpRole, refused: &[usize], advertised: IpAddr) {
+    /// refused (`Action::Reject` by m-line) are disabled (port 0) in the
+    /// session now in force with it. A provisional answer leaves the offer
+    /// open: another phone the call forked to may still answer it otherwise.
+    fn answered(&mut self, role: SdpRole, refusals: &[Action], advertised: IpAddr) {
         let offer = match role {
             SdpRole::ProvisionalAnswer => self.offered.clone(),
             _ => self.offered.take(),
@@ -127,20 +127,10 @@ impl SentSdp {
         let Some(offer) = offer else {
             return;
         };
-        let settled = if refused.is_empty() {
-            offer
+        let settled = if refusals.contains(&Action::Reject) {
+            sdp::rewrite(&offer, advertised, refusals).map_or(offer, Bytes::from)
         } else {
-            let last = refused.iter().max().map_or(0, |&i| i + 1);
-            let actions: Vec<Action> = (0..last)
-                .map(|i| {
-                    if refused.contains(&i) {
-                        Action::Reject
-                    } else {
-                        Action::Keep
-                    }
-                })
-                .collect();
-            sdp::rewrite(&offer, advertised, &actions).map_or(offer, Bytes::from)
+            offer
         };
         self.settled = Some(settled);
     }
@@ -422,17 +412,21 @@ impl RelayMedia {
                 }
                 ports.added_by_offer = false;
             }
-            let refused: Vec<usize> = (description.streams.iter().enumerate())
-                .filter(|(_, stream)| stream.port == 0)
-                .map(|(index, _)| index)
+            let refusals: Vec<Action> = (description.streams.iter())
+                .map(|stream| match stream.port {
+                    0 => Action::Reject,
+                    _ => Action::Keep,
+                })
                 .collect();
             if role == SdpRole::Answer {
-                for &index in &refused {
-                    self.release_stream(session, id, index);
+                for (index, refusal) in refusals.iter().enumerate() {
+                    if *refusal == Action::Reject {
+                        self.release_stream(session, id, index);
+                    }
                 }
             }
             if let Some(answerer) = session.sent.get_mut(from) {
-                answerer.answered(role, &refused, self.advertised);
+                answerer.answered(role, &refusals, self.advertised);
             }
             session.codec = description.codec();
             let live: Vec<&Stream> = description.streams.iter().filter(|s| s.port != 0).collect();
