@@ -815,12 +815,23 @@ pub fn sdp_audio_target(message: &str) -> Option<SocketAddr> {
         .lines()
         .find_map(|l| l.strip_prefix("c=IN IP4 "))?
         .trim();
-    let port = message
+    Some(SocketAddr::new(
+        ip.parse().ok()?,
+        sdp_port(message, "audio")?,
+    ))
+}
+
+/// The port of the first m= line of `kind` (audio, video) in a message's
+/// SDP.
+pub fn sdp_port(message: &str, kind: &str) -> Option<u16> {
+    let prefix = format!("m={kind} ");
+    message
         .lines()
-        .find_map(|l| l.strip_prefix("m=audio "))?
+        .find_map(|l| l.strip_prefix(prefix.as_str()))?
         .split_whitespace()
-        .next()?;
-    format!("{ip}:{port}").parse().ok()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The version of the o= line of a message's SDP.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use sip_pbx_e2e::media::{media_pair, receive, rtp};
 use sip_pbx_e2e::phone::Phone;
 use sip_pbx_e2e::{
-    audio_sdp, caller_request, header, invite, response_to, wait_until, Pbx, SipClient,
+    audio_sdp, caller_request, header, invite, response_to, sdp_port, wait_until, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -210,17 +210,6 @@ fn audio_video_sdp(audio: u16, video: u16) -> String {
     audio_sdp(audio, "0") + &format!("m=video {video} RTP/AVP 99\r\na=rtpmap:99 H264/90000\r\n")
 }
 
-/// The port of an SDP body's first m=video line.
-fn video_port(message: &str) -> Option<u16> {
-    message
-        .lines()
-        .find_map(|l| l.strip_prefix("m=video "))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// One phone's early answer refuses the caller's video, and the other
 /// phone answers with it: the video the call ends up with is relayed, as
 /// the stream kept its ports through the early refusal.
@@ -261,11 +250,11 @@ fn video_refused_in_one_phones_early_answer_is_relayed_for_the_phone_that_answer
     );
     let (code, progress) = caller.final_response(LIMIT).expect("early media");
     assert_eq!(code, 183, "{progress}");
-    assert_eq!(video_port(&progress), Some(0), "{progress}");
+    assert_eq!(sdp_port(&progress, "video"), Some(0), "{progress}");
 
     let both = audio_video_sdp(port(&audio_b), port(&video_b));
     let ok = answer(&pbx, &caller, &phones[1], &invites[1], Some(&both));
-    let to_pbx = video_port(&ok)
+    let to_pbx = sdp_port(&ok, "video")
         .filter(|&p| p != 0)
         .expect("video in the 200");
     let target = SocketAddr::new(pbx.sip_addr().ip(), to_pbx);
