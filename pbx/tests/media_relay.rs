@@ -503,10 +503,11 @@ fn video_the_answer_refuses_gives_its_ports_back() {
 
 /// A call forked to two phones: one refuses the video in its early
 /// answer, the other takes it up in the final one. The refusal holds until
-/// a final answer confirms it, and the session the PBX keeps with B is the
-/// one the final answer settled.
+/// a final answer confirms it, or a final response without SDP lets the
+/// early answer stand, and the session the PBX keeps with B is the one in
+/// force.
 #[test]
-fn video_refused_only_in_an_early_answer_keeps_its_ports() {
+fn video_refused_in_an_early_answer_keeps_its_ports_until_a_final_response() {
     let mut pbx = pbx(26600, 26699, 60, "127.0.0.1");
     let phones = video_phones(pbx.ip);
     let id = pbx.media.open().expect("open");
@@ -534,8 +535,21 @@ fn video_refused_only_in_an_early_answer_keeps_its_ports() {
             .expect("answer without video");
     }
     wait_for_ports_in_use(&pbx, 8 + 4);
-    pbx.media.close(id);
-    pbx.media.close(second);
+
+    // Refused early, and the 2xx carries no SDP (RFC 3262): the early
+    // answer stands, and the ports go back.
+    let third = pbx.media.open().expect("open");
+    offer_video(&mut pbx, third, &phones);
+    pbx.media
+        .relay_sdp(third, LegSide::B, SdpRole::ProvisionalAnswer, early)
+        .expect("early answer");
+    assert_eq!(ports_in_use(&pbx), 8 + 4 + 8);
+    pbx.media.early_answer_stands(third);
+    wait_for_ports_in_use(&pbx, 8 + 4 + 4);
+    assert_eq!(restoring_ports(&mut pbx, third)[1], 0, "no video with B");
+    for call in [id, second, third] {
+        pbx.media.close(call);
+    }
 }
 
 #[test]

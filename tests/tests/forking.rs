@@ -4,7 +4,8 @@
 //! rung; a phone answering too late is acknowledged and hung up; when every
 //! phone refuses, the caller hears the best refusal, and a 6xx from one
 //! phone ends the search. A stream one phone's early answer refuses keeps
-//! its relay ports for the phone that answers.
+//! its relay ports for the phone that answers, and the answer a phone gave
+//! in a reliable 183 reaches the caller when its 200 carries none.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
@@ -12,7 +13,8 @@ use std::time::Duration;
 use sip_pbx_e2e::media::{media_pair, receive, rtp};
 use sip_pbx_e2e::phone::Phone;
 use sip_pbx_e2e::{
-    audio_sdp, caller_request, header, invite, response_to, sdp_port, wait_until, Pbx, SipClient,
+    audio_sdp, caller_request, header, invite, response_to, sdp_audio_target, sdp_port, wait_until,
+    Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -50,10 +52,28 @@ fn method(text: &str) -> &str {
     text.split(' ').next().unwrap_or_default()
 }
 
-/// The caller's INVITE for 2000, and the INVITE each phone gets.
-fn ring(pbx: &Pbx, caller: &SipClient, phones: &[Phone; 2], call_id: &str) -> [String; 2] {
+/// A PBX relaying media through ports `start` to `end`, where calls go to
+/// registrations.
+fn relaying_pbx(start: u16, end: u16) -> Pbx {
+    Pbx::start(
+        1,
+        &format!(
+            "routes: []\n\nmedia:\n  mode: bypass\n  port_pool: {{start: {start}, end: {end}}}\n"
+        ),
+    )
+}
+
+/// The caller's INVITE for 2000 (offering `sdp`, when given), and the
+/// INVITE each phone gets.
+fn ring(
+    pbx: &Pbx,
+    caller: &SipClient,
+    phones: &[Phone; 2],
+    call_id: &str,
+    sdp: Option<&str>,
+) -> [String; 2] {
     caller.send(
-        &invite(pbx.sip_addr(), "2000", caller.addr(), call_id, None),
+        &invite(pbx.sip_addr(), "2000", caller.addr(), call_id, sdp),
         pbx.sip_addr(),
     );
     phones
@@ -110,7 +130,7 @@ fn every_phone_rings_and_the_first_to_answer_takes_the_call() {
     let pbx = pbx();
     let phones = two_phones(&pbx);
     let caller = SipClient::new();
-    let invites = ring(&pbx, &caller, &phones, "fork-answer");
+    let invites = ring(&pbx, &caller, &phones, "fork-answer", None);
     assert_ne!(
         header(&invites[0], "Call-ID"),
         header(&invites[1], "Call-ID"),
@@ -144,7 +164,7 @@ fn a_silent_phone_is_cancelled_once_it_rings_and_a_late_answer_is_hung_up() {
     let pbx = pbx();
     let phones = two_phones(&pbx);
     let caller = SipClient::new();
-    let invites = ring(&pbx, &caller, &phones, "fork-late");
+    let invites = ring(&pbx, &caller, &phones, "fork-late", None);
     let ok = answer(&pbx, &caller, &phones[1], &invites[1], None);
 
     // RFC 3261 §9.1: no CANCEL for a branch that has not answered at all.
@@ -173,7 +193,7 @@ fn when_every_phone_refuses_the_caller_hears_the_best_refusal() {
     let pbx = pbx();
     let phones = two_phones(&pbx);
     let caller = SipClient::new();
-    let invites = ring(&pbx, &caller, &phones, "fork-busy");
+    let invites = ring(&pbx, &caller, &phones, "fork-busy", None);
     respond(
         &phones[0],
         &invites[0],
@@ -194,7 +214,7 @@ fn a_decline_from_one_phone_stops_the_others_ringing() {
     let pbx = pbx();
     let phones = two_phones(&pbx);
     let caller = SipClient::new();
-    let invites = ring(&pbx, &caller, &phones, "fork-decline");
+    let invites = ring(&pbx, &caller, &phones, "fork-decline", None);
     respond(&phones[1], &invites[1], "180 Ringing", pbx.sip_addr());
     respond(&phones[0], &invites[0], "603 Decline", pbx.sip_addr());
     cancelled(&pbx, &phones[1], &invites[1]);
@@ -215,29 +235,13 @@ fn audio_video_sdp(audio: u16, video: u16) -> String {
 /// the stream kept its ports through the early refusal.
 #[test]
 fn video_refused_in_one_phones_early_answer_is_relayed_for_the_phone_that_answers() {
-    let pbx = Pbx::start(
-        1,
-        "routes: []\n\nmedia:\n  mode: bypass\n  port_pool: {start: 30000, end: 30999}\n",
-    );
+    let pbx = relaying_pbx(30000, 30499);
     let phones = two_phones(&pbx);
     let caller = SipClient::new();
     let (audio_a, video_a) = (media_pair(), media_pair());
     let (audio_b, video_b) = (media_pair(), media_pair());
-    let port = |pair: &(UdpSocket, UdpSocket)| pair.0.local_addr().expect("addr").port();
     let offer = audio_video_sdp(port(&audio_a), port(&video_a));
-    caller.send(
-        &invite(
-            pbx.sip_addr(),
-            "2000",
-            caller.addr(),
-            "fork-video",
-            Some(&offer),
-        ),
-        pbx.sip_addr(),
-    );
-    let invites = phones
-        .each_ref()
-        .map(|phone| phone.client.expect_request("INVITE"));
+    let invites = ring(&pbx, &caller, &phones, "fork-video", Some(&offer));
     let early = audio_video_sdp(port(&audio_b), 0);
     phones[0].client.send(
         &response_to(
@@ -264,4 +268,52 @@ fn video_refused_in_one_phones_early_answer_is_relayed_for_the_phone_that_answer
 
     cancelled(&pbx, &phones[0], &invites[0]);
     hang_up(&pbx, &caller, &ok, &phones[1]);
+}
+
+/// A phone that answers in a reliable 183 (RFC 3262) need not repeat the
+/// answer in its 200. When another phone rang first, the PBX acknowledged
+/// that 183 itself instead of relaying it, so the caller gets its answer
+/// with the 200, and the media flows between the caller and that phone.
+#[test]
+fn a_phone_whose_200_has_no_sdp_is_relayed_the_answer_of_its_reliable_183() {
+    let pbx = relaying_pbx(30500, 30999);
+    let phones = two_phones(&pbx);
+    let caller = SipClient::new();
+    let (a, b) = (media_pair(), media_pair());
+    let offer = audio_sdp(port(&a), "0");
+    let invites = ring(&pbx, &caller, &phones, "fork-early-answer", Some(&offer));
+    respond(&phones[0], &invites[0], "180 Ringing", pbx.sip_addr());
+    let (code, ringing) = caller.final_response(LIMIT).expect("ringing");
+    assert_eq!(code, 180, "{ringing}");
+
+    let early = audio_sdp(port(&b), "0");
+    let progress = response_to(
+        &invites[1],
+        "183 Session Progress",
+        phones[1].client.addr(),
+        Some(&early),
+    );
+    let progress = String::from_utf8_lossy(&progress)
+        .replace("Contact:", "Require: 100rel\r\nRSeq: 1\r\nContact:");
+    phones[1].client.send(progress.as_bytes(), pbx.sip_addr());
+    let prack = next(&phones[1].client, &invites[1]);
+    assert_eq!(method(&prack), "PRACK", "{prack}");
+    respond(&phones[1], &prack, "200 OK", pbx.sip_addr());
+
+    let ok = answer(&pbx, &caller, &phones[1], &invites[1], None);
+    let to_pbx_from_a = sdp_audio_target(&ok).expect("the phone's answer in the 200");
+    let to_pbx_from_b = sdp_audio_target(&invites[1]).expect("the PBX's offer");
+    for (from, to_pbx, to, marker) in [(&a, to_pbx_from_a, &b, 0xA0), (&b, to_pbx_from_b, &a, 0xB0)]
+    {
+        from.0.send_to(&rtp(1, marker), to_pbx).expect("send");
+        let (got, _) = receive(&to.0).expect("RTP across the call");
+        assert_eq!(got, rtp(1, marker));
+    }
+
+    cancelled(&pbx, &phones[0], &invites[0]);
+    hang_up(&pbx, &caller, &ok, &phones[1]);
+}
+
+fn port(pair: &(UdpSocket, UdpSocket)) -> u16 {
+    pair.0.local_addr().expect("addr").port()
 }

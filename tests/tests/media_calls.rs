@@ -9,8 +9,8 @@ use sip_pbx_e2e::media::{
 };
 use sip_pbx_e2e::{
     audio_sdp, caller_request, header, invite, io_uring_available, open_file_limit, response_to,
-    sdp_audio_target, sdp_session, sdp_version, status_code, wait_until, without_io_uring, Pbx,
-    SipClient,
+    sdp_audio_target, sdp_port, sdp_session, sdp_version, status_code, wait_until,
+    without_io_uring, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -493,19 +493,9 @@ fn a_refused_offer_leaves_the_media_where_it_was() {
 fn video_the_callee_refuses_holds_no_ports() {
     let callee = SipClient::new();
     let pbx = Pbx::start(callee.addr().port(), &bypass(""));
-    let ports_in_use = || {
-        let (_, stats) = pbx.http_get("/api/stats");
-        let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
-        stats["ports_in_use"].as_u64().expect("ports_in_use")
-    };
-    let wait_for_ports = |n: u64| {
-        wait_until(LIMIT, &format!("{n} ports in use"), || ports_in_use() == n);
-    };
     let call = establish(&pbx, &callee, "0", "video-refused-1").expect("answered");
-    wait_for_ports(4);
+    wait_for_ports(&pbx, 4);
     let video = media_pair();
-    let video_line = |port: u16| format!("m=video {port} RTP/AVP 99\r\na=rtpmap:99 H264/90000\r\n");
-    let port = |pair: &(UdpSocket, UdpSocket)| pair.0.local_addr().expect("addr").port();
     let with_video = audio_sdp(port(&call.a), "0") + &video_line(port(&video));
     let audio_only = audio_sdp(port(&call.b), "0") + "m=video 0 RTP/AVP 99\r\n";
     for (cseq, status, answer) in [
@@ -519,7 +509,7 @@ fn video_the_callee_refuses_holds_no_ports() {
             !reinvite.contains("m=video 0 "),
             "the video is offered on relay ports:\n{reinvite}"
         );
-        assert_eq!(ports_in_use(), 8, "ports for the offered video");
+        assert_eq!(ports_in_use(&pbx), 8, "ports for the offered video");
         let response = response_to(&reinvite, status, call.callee.addr(), answer);
         call.callee.send(&response, call.pbx);
         let (code, at_caller) = call.caller.final_response(LIMIT).expect("an answer");
@@ -529,10 +519,114 @@ fn video_the_callee_refuses_holds_no_ports() {
             call.caller.send(&call.request("ACK", cseq, None), call.pbx);
         }
         call.callee.expect_request("ACK");
-        wait_for_ports(4);
+        wait_for_ports(&pbx, 4);
         call.exchange(10 * cseq as u16);
     }
     hang_up(&call);
+}
+
+/// A callee that answers in a reliable 183 (RFC 3262) need not repeat the
+/// answer in its 200. When that early answer refused the caller's video,
+/// the video's ports go back once the 200 comes, as after any final answer.
+#[test]
+fn video_refused_in_a_reliable_183_gives_its_ports_back_when_the_200_has_no_sdp() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let caller = SipClient::new();
+    let (a, b, video) = (media_pair(), media_pair(), media_pair());
+    let offer = audio_sdp(port(&a), "0") + &video_line(port(&video));
+    let offer = invite(
+        pbx.sip_addr(),
+        "1002",
+        caller.addr(),
+        "early-video-1",
+        Some(&offer),
+    );
+    let offer = String::from_utf8_lossy(&offer)
+        .replace("Content-Type:", "Supported: 100rel\r\nContent-Type:");
+    caller.send(offer.as_bytes(), pbx.sip_addr());
+    let invite_at_b = callee.expect_request("INVITE");
+    assert_eq!(ports_in_use(&pbx), 8, "ports for the offered video");
+    let early = audio_sdp(port(&b), "0") + "m=video 0 RTP/AVP 99\r\n";
+    let progress = String::from_utf8_lossy(&response_to(
+        &invite_at_b,
+        "183 Session Progress",
+        callee.addr(),
+        Some(&early),
+    ))
+    .replace("Contact:", "Require: 100rel\r\nRSeq: 1\r\nContact:");
+    callee.send(progress.as_bytes(), pbx.sip_addr());
+    let (code, progress_at_a) = caller.final_response(LIMIT).expect("183");
+    assert_eq!(code, 183, "{progress_at_a}");
+    assert_eq!(
+        sdp_port(&progress_at_a, "video"),
+        Some(0),
+        "{progress_at_a}"
+    );
+    let prack = String::from_utf8_lossy(&caller_request(
+        "PRACK",
+        &progress_at_a,
+        caller.addr(),
+        2,
+        None,
+    ))
+    .replace("Contact:", "RAck: 1 1 INVITE\r\nContact:");
+    caller.send(prack.as_bytes(), pbx.sip_addr());
+    let prack_at_b = callee.expect_request("PRACK");
+    callee.send(
+        &response_to(&prack_at_b, "200 OK", callee.addr(), None),
+        pbx.sip_addr(),
+    );
+    let (code, prack_ok) = caller.final_response(LIMIT).expect("200 to PRACK");
+    assert_eq!(code, 200, "{prack_ok}");
+    assert_eq!(ports_in_use(&pbx), 8, "an early answer keeps the ports");
+
+    callee.send(
+        &response_to(&invite_at_b, "200 OK", callee.addr(), None),
+        pbx.sip_addr(),
+    );
+    let (code, ok_at_a) = caller.final_response(LIMIT).expect("200");
+    assert_eq!(code, 200, "{ok_at_a}");
+    assert!(
+        !ok_at_a.contains("m=audio"),
+        "the caller holds the answer already:\n{ok_at_a}"
+    );
+    let call = Call {
+        to_pbx_from_a: sdp_audio_target(&progress_at_a).expect("the PBX's answer"),
+        to_pbx_from_b: sdp_audio_target(&invite_at_b).expect("the PBX's offer"),
+        caller,
+        callee: &callee,
+        a,
+        b,
+        invite_at_b,
+        ok_at_a,
+        pbx: pbx.sip_addr(),
+    };
+    call.caller.send(&call.request("ACK", 1, None), call.pbx);
+    call.callee.expect_request("ACK");
+    wait_for_ports(&pbx, 4);
+    call.exchange(1);
+    hang_up(&call);
+}
+
+fn ports_in_use(pbx: &Pbx) -> u64 {
+    let (_, stats) = pbx.http_get("/api/stats");
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
+    stats["ports_in_use"].as_u64().expect("ports_in_use")
+}
+
+fn wait_for_ports(pbx: &Pbx, n: u64) {
+    wait_until(LIMIT, &format!("{n} ports in use"), || {
+        ports_in_use(pbx) == n
+    });
+}
+
+fn port(pair: &(UdpSocket, UdpSocket)) -> u16 {
+    pair.0.local_addr().expect("addr").port()
+}
+
+fn video_line(port: u16) -> String {
+    format!("m=video {port} RTP/AVP 99\r\na=rtpmap:99 H264/90000\r\n")
 }
 
 /// A callee that answers a relayed re-INVITE with SDP the relay cannot use

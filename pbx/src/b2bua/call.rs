@@ -140,6 +140,11 @@ pub struct Fork {
     pub dialog: Dialog,
     /// The final failure response it gave, once it has.
     pub failed: Option<u16>,
+    /// The SDP answer of a reliable provisional response the PBX
+    /// acknowledged itself, while another fork spoke for the B leg: it
+    /// binds (RFC 3262), so a 2xx of this fork need not repeat it, and the
+    /// caller gets it with that 2xx.
+    pub early_answer: Option<Bytes>,
 }
 
 #[derive(Debug)]
@@ -171,6 +176,9 @@ pub struct Call {
     pub acks: HashMap<LegSide, (u32, Bytes)>,
     /// Side with an SDP offer not yet answered (RFC 3264).
     pub open_offer: Option<LegSide>,
+    /// The fork whose SDP answer in a provisional response the caller got:
+    /// if that fork's 2xx carries no SDP, the early answer stands.
+    pub early_answer_from: Option<TxId>,
     /// Client transactions of BYEs still running, per leg.
     pub byes: HashMap<LegSide, TxId>,
     /// How the call ended, once it has.

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chrono::Utc;
 
 use self::call::{
@@ -448,6 +449,7 @@ impl B2bua {
                 awaited_ack: None,
                 acks: HashMap::new(),
                 open_offer: None,
+                early_answer_from: None,
                 byes: HashMap::new(),
                 outcome: None,
             },
@@ -541,6 +543,7 @@ impl B2bua {
                 tx,
                 dialog,
                 failed: None,
+                early_answer: None,
             });
         }
         call.state = CallState::Early;
@@ -801,10 +804,14 @@ impl B2bua {
             return;
         };
         let leader = *call.b.get_or_insert(index);
+        let answer = response.sdp().filter(|_| call.a_invite.sdp().is_some());
         if leader != index {
             if let (Some(rseq), Some(fork)) =
                 (response.headers.get("RSeq"), call.forks.get_mut(index))
             {
+                if answer.is_some() {
+                    fork.early_answer = answer;
+                }
                 let mut prack = fork.dialog.request(Method::Prack);
                 prack.headers.push(
                     "RAck",
@@ -816,11 +823,25 @@ impl B2bua {
         }
         let code = response.code().unwrap_or(180);
         // Early media is optional: the caller still hears that it rings.
-        let relayed = callee_response_to_caller(self.media.as_mut(), call, response)
-            .unwrap_or_else(|e| {
+        let relayed = match callee_response_to_caller(
+            self.media.as_mut(),
+            call,
+            response,
+            response.sdp(),
+        ) {
+            Ok(relayed) => {
+                if let Some(fork) = call.forks.get_mut(index).filter(|_| answer.is_some()) {
+                    // The caller holds this answer now, not one the fork gave before it led.
+                    fork.early_answer = None;
+                    call.early_answer_from = Some(fork.tx);
+                }
+                relayed
+            }
+            Err(e) => {
                 tracing::warn!(call = call.key, error = %e, "early SDP from the callee not relayed");
                 to_caller(call, response)
-            });
+            }
+        };
         txl.respond(call.a_invite_tx, &relayed, now);
         if !call.ringing_sent {
             call.ringing_sent = true;
@@ -843,7 +864,15 @@ impl B2bua {
             return;
         };
         let had_offer = call.a_invite.sdp().is_some();
-        let relayed = callee_response_to_caller(self.media.as_mut(), call, response);
+        let (answerer, early_answer) = call
+            .b
+            .and_then(|b| call.forks.get_mut(b))
+            .map(|fork| (Some(fork.tx), fork.early_answer.take()))
+            .unwrap_or_default();
+        let early_answer_stands =
+            response.sdp().is_none() && answerer.is_some() && call.early_answer_from == answerer;
+        let sdp = response.sdp().or(early_answer);
+        let relayed = callee_response_to_caller(self.media.as_mut(), call, response, sdp);
         call.state = CallState::Answered;
         let relayed = match relayed {
             Ok(relayed) => relayed,
@@ -852,6 +881,9 @@ impl B2bua {
                 return self.refuse_answer(key, txl, now);
             }
         };
+        if early_answer_stands {
+            self.media.early_answer_stands(call.media);
+        }
         call.answered = Some(Utc::now());
         call.awaited_ack = Some(AwaitedAck {
             origin: LegSide::A,
@@ -1530,15 +1562,17 @@ fn to_caller(call: &Call, response: &Message) -> Message {
 }
 
 /// A provisional or 2xx response of the B leg's INVITE for the caller,
-/// its SDP (the answer to the caller's offer, or an offer) through the
-/// media; an error when that SDP cannot be relayed.
+/// with `sdp` (the answer to the caller's offer, or an offer: the
+/// response's own, or for a 2xx the answer its fork gave earlier) through
+/// the media; an error when that SDP cannot be relayed.
 fn callee_response_to_caller(
     media: &mut dyn SessionMedia,
     call: &mut Call,
     response: &Message,
+    sdp: Option<Bytes>,
 ) -> Result<Message, MediaError> {
     let mut relayed = to_caller(call, response);
-    if let Some(sdp) = response.sdp() {
+    if let Some(sdp) = sdp {
         let code = response.code().unwrap_or(500);
         let role = call.response_sdp_role(LegSide::B, code, call.a_invite.sdp().is_some());
         let body = media.relay_sdp(call.media, LegSide::B, role, sdp)?;

@@ -71,6 +71,10 @@ struct Session {
     counters: Arc<Counters>,
     /// What the PBX said to leg A and leg B.
     sent: [SentSdp; 2],
+    /// The answerer (leg index) and refusals of the last answer, when it
+    /// came in a provisional response: its streams keep their ports until
+    /// a final response settles it (`early_answer_stands`).
+    early_refusals: Option<(usize, Vec<Action>)>,
 }
 
 /// The SDP the PBX has sent one leg. The PBX is the origin of every body
@@ -358,6 +362,27 @@ impl RelayMedia {
         }
     }
 
+    /// Makes the answer of leg `answerer` final: the m-lines it refused
+    /// (`Action::Reject` in `refusals`) give their ports back, and the
+    /// session in force with the answerer no longer has them.
+    fn settle(
+        &self,
+        session: &mut Session,
+        id: MediaSessionId,
+        answerer: usize,
+        refusals: &[Action],
+    ) {
+        session.early_refusals = None;
+        for (index, refusal) in refusals.iter().enumerate() {
+            if *refusal == Action::Reject {
+                self.release_stream(session, id, index);
+            }
+        }
+        if let Some(sent) = session.sent.get_mut(answerer) {
+            sent.answered(SdpRole::Answer, refusals, self.advertised);
+        }
+    }
+
     /// Runs `work` on session `id`, out of the table meanwhile so that
     /// `work` may use the rest of the relay's state.
     fn with_session<T>(
@@ -404,6 +429,11 @@ impl RelayMedia {
             })
             .collect();
         let body = sdp::rewrite(sdp, self.advertised, &actions)?;
+        if role == SdpRole::Offer {
+            // The early answer no longer stands alone: a stream this offer
+            // takes up again must keep its ports.
+            session.early_refusals = None;
+        }
         if role.is_answer() {
             let offerer = 1 - from;
             for ports in session.streams.iter_mut().flatten() {
@@ -418,15 +448,13 @@ impl RelayMedia {
                     _ => Action::Keep,
                 })
                 .collect();
-            if role == SdpRole::Answer {
-                for (index, refusal) in refusals.iter().enumerate() {
-                    if *refusal == Action::Reject {
-                        self.release_stream(session, id, index);
-                    }
+            if role == SdpRole::ProvisionalAnswer {
+                if let Some(answerer) = session.sent.get_mut(from) {
+                    answerer.answered(role, &refusals, self.advertised);
                 }
-            }
-            if let Some(answerer) = session.sent.get_mut(from) {
-                answerer.answered(role, &refusals, self.advertised);
+                session.early_refusals = Some((from, refusals));
+            } else {
+                self.settle(session, id, from, &refusals);
             }
             session.codec = description.codec();
             let live: Vec<&Stream> = description.streams.iter().filter(|s| s.port != 0).collect();
@@ -451,6 +479,7 @@ impl SessionMedia for RelayMedia {
                 codec: None,
                 counters,
                 sent: Default::default(),
+                early_refusals: None,
             },
         );
         Ok(id)
@@ -518,6 +547,16 @@ impl SessionMedia for RelayMedia {
                     .set_remote(id, index, leg, Some(before), Latch::Restore);
             }
         }
+    }
+
+    fn early_answer_stands(&mut self, id: MediaSessionId) {
+        // A call already released has nothing left to settle.
+        let _ = self.with_session(id, |media, session| {
+            if let Some((answerer, refusals)) = session.early_refusals.take() {
+                media.settle(session, id, answerer, &refusals);
+            }
+            Ok(())
+        });
     }
 
     fn codec(&self, session: MediaSessionId) -> Option<String> {

@@ -103,6 +103,10 @@ pub trait SessionMedia: Send {
         leg: LegSide,
         answer: Bytes,
     ) -> Result<(), MediaError>;
+    /// The answerer's final response carried no SDP, so the answer of its
+    /// provisional response is the final one (RFC 3262 §3): streams it
+    /// refused give their ports back.
+    fn early_answer_stands(&mut self, session: MediaSessionId);
     /// The codec the call settled on, for the CDR.
     fn codec(&self, session: MediaSessionId) -> Option<String>;
     /// Frees everything the call held.
@@ -153,6 +157,8 @@ impl SessionMedia for DirectMedia {
     ) -> Result<(), MediaError> {
         Ok(())
     }
+
+    fn early_answer_stands(&mut self, _session: MediaSessionId) {}
 
     fn codec(&self, session: MediaSessionId) -> Option<String> {
         self.codecs.get(&session).cloned()
