@@ -802,6 +802,27 @@ pub fn response_to(request: &str, status: &str, me: SocketAddr, sdp: Option<&str
     .into_bytes()
 }
 
+/// A reliable provisional response (RFC 3262, RSeq 1) from a raw user
+/// agent at `me` to `invite`, with an SDP body when given.
+pub fn reliable_response_to(
+    invite: &str,
+    status: &str,
+    me: SocketAddr,
+    sdp: Option<&str>,
+) -> Vec<u8> {
+    String::from_utf8_lossy(&response_to(invite, status, me, sdp))
+        .replace("Contact:", "Require: 100rel\r\nRSeq: 1\r\nContact:")
+        .into_bytes()
+}
+
+/// The caller's PRACK (CSeq `seq`) of `progress`, the reliable provisional
+/// response it got to its INVITE (CSeq 1), with an SDP body when given.
+pub fn prack(progress: &str, from: SocketAddr, seq: u32, sdp: Option<&str>) -> Vec<u8> {
+    String::from_utf8_lossy(&caller_request("PRACK", progress, from, seq, sdp))
+        .replace("Contact:", "RAck: 1 1 INVITE\r\nContact:")
+        .into_bytes()
+}
+
 /// An audio SDP offering PCMU, PCMA and telephone-event on `rtp_port`.
 pub fn audio_sdp(rtp_port: u16, codecs: &str) -> String {
     format!(

@@ -13,8 +13,8 @@ use std::time::Duration;
 use sip_pbx_e2e::media::{media_pair, receive, rtp};
 use sip_pbx_e2e::phone::Phone;
 use sip_pbx_e2e::{
-    audio_sdp, caller_request, header, invite, response_to, sdp_audio_target, sdp_port, wait_until,
-    Pbx, SipClient,
+    audio_sdp, caller_request, header, invite, reliable_response_to, response_to, sdp_audio_target,
+    sdp_port, wait_until, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -287,15 +287,13 @@ fn a_phone_whose_200_has_no_sdp_is_relayed_the_answer_of_its_reliable_183() {
     assert_eq!(code, 180, "{ringing}");
 
     let early = audio_sdp(port(&b), "0");
-    let progress = response_to(
+    let progress = reliable_response_to(
         &invites[1],
         "183 Session Progress",
         phones[1].client.addr(),
         Some(&early),
     );
-    let progress = String::from_utf8_lossy(&progress)
-        .replace("Contact:", "Require: 100rel\r\nRSeq: 1\r\nContact:");
-    phones[1].client.send(progress.as_bytes(), pbx.sip_addr());
+    phones[1].client.send(&progress, pbx.sip_addr());
     let prack = next(&phones[1].client, &invites[1]);
     assert_eq!(method(&prack), "PRACK", "{prack}");
     respond(&phones[1], &prack, "200 OK", pbx.sip_addr());

@@ -8,9 +8,9 @@ use sip_pbx_e2e::media::{
     answer, establish, establish_with, media_pair, receive, rtp, sip_i, Call,
 };
 use sip_pbx_e2e::{
-    audio_sdp, caller_request, header, invite, io_uring_available, open_file_limit, response_to,
-    sdp_audio_target, sdp_port, sdp_session, sdp_version, status_code, wait_until,
-    without_io_uring, Pbx, SipClient,
+    audio_sdp, caller_request, header, invite, io_uring_available, open_file_limit, prack,
+    reliable_response_to, response_to, sdp_audio_target, sdp_port, sdp_session, sdp_version,
+    status_code, wait_until, without_io_uring, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -289,45 +289,24 @@ fn late_offer_in_the_200_and_answer_in_the_ack_are_relayed() {
 fn a_new_offer_in_prack_moves_early_media() {
     let callee = SipClient::new();
     let pbx = Pbx::start(callee.addr().port(), &bypass(""));
-    let caller = SipClient::new();
     let (a, b) = (media_pair(), media_pair());
-    let a_port = a.0.local_addr().expect("addr").port();
-    let b_port = b.0.local_addr().expect("addr").port();
-    let offer = invite(
-        pbx.sip_addr(),
-        "1002",
-        caller.addr(),
+    let (caller, invite_at_b, progress_at_a) = answered_early(
+        &pbx,
+        &callee,
         "prack-1",
-        Some(&audio_sdp(a_port, "0 101")),
+        &audio_sdp(port(&a), "0 101"),
+        &audio_sdp(port(&b), "0 101"),
     );
-    let offer = String::from_utf8_lossy(&offer)
-        .replace("Content-Type:", "Supported: 100rel\r\nContent-Type:");
-    caller.send(offer.as_bytes(), pbx.sip_addr());
-    let invite_at_b = callee.expect_request("INVITE");
     let to_pbx_from_b = sdp_audio_target(&invite_at_b).expect("the PBX's offer");
-    let progress = String::from_utf8_lossy(&response_to(
-        &invite_at_b,
-        "183 Session Progress",
-        callee.addr(),
-        Some(&audio_sdp(b_port, "0 101")),
-    ))
-    .replace("Contact:", "Require: 100rel\r\nRSeq: 1\r\nContact:");
-    callee.send(progress.as_bytes(), pbx.sip_addr());
-    let (code, progress_at_a) = caller.final_response(LIMIT).expect("183");
-    assert_eq!(code, 183, "{progress_at_a}");
     let to_pbx_from_a = sdp_audio_target(&progress_at_a).expect("the PBX's answer");
 
     let (moved, _) = media_pair();
     let moved_port = moved.local_addr().expect("addr").port();
-    let prack = String::from_utf8_lossy(&caller_request(
-        "PRACK",
-        &progress_at_a,
-        caller.addr(),
-        2,
-        Some(&audio_sdp(moved_port, "0 101")),
-    ))
-    .replace("Contact:", "RAck: 1 1 INVITE\r\nContact:");
-    caller.send(prack.as_bytes(), pbx.sip_addr());
+    let offer = audio_sdp(moved_port, "0 101");
+    caller.send(
+        &prack(&progress_at_a, caller.addr(), 2, Some(&offer)),
+        pbx.sip_addr(),
+    );
     let prack_at_b = callee.expect_request("PRACK");
     assert_eq!(
         sdp_audio_target(&prack_at_b),
@@ -339,7 +318,7 @@ fn a_new_offer_in_prack_moves_early_media() {
             &prack_at_b,
             "200 OK",
             callee.addr(),
-            Some(&audio_sdp(b_port, "0 101")),
+            Some(&audio_sdp(port(&b), "0 101")),
         ),
         pbx.sip_addr(),
     );
@@ -532,46 +511,24 @@ fn video_the_callee_refuses_holds_no_ports() {
 fn video_refused_in_a_reliable_183_gives_its_ports_back_when_the_200_has_no_sdp() {
     let callee = SipClient::new();
     let pbx = Pbx::start(callee.addr().port(), &bypass(""));
-    let caller = SipClient::new();
     let (a, b, video) = (media_pair(), media_pair(), media_pair());
-    let offer = audio_sdp(port(&a), "0") + &video_line(port(&video));
-    let offer = invite(
-        pbx.sip_addr(),
-        "1002",
-        caller.addr(),
+    let (caller, invite_at_b, progress_at_a) = answered_early(
+        &pbx,
+        &callee,
         "early-video-1",
-        Some(&offer),
+        &(audio_sdp(port(&a), "0") + &video_line(port(&video))),
+        &(audio_sdp(port(&b), "0") + "m=video 0 RTP/AVP 99\r\n"),
     );
-    let offer = String::from_utf8_lossy(&offer)
-        .replace("Content-Type:", "Supported: 100rel\r\nContent-Type:");
-    caller.send(offer.as_bytes(), pbx.sip_addr());
-    let invite_at_b = callee.expect_request("INVITE");
     assert_eq!(ports_in_use(&pbx), 8, "ports for the offered video");
-    let early = audio_sdp(port(&b), "0") + "m=video 0 RTP/AVP 99\r\n";
-    let progress = String::from_utf8_lossy(&response_to(
-        &invite_at_b,
-        "183 Session Progress",
-        callee.addr(),
-        Some(&early),
-    ))
-    .replace("Contact:", "Require: 100rel\r\nRSeq: 1\r\nContact:");
-    callee.send(progress.as_bytes(), pbx.sip_addr());
-    let (code, progress_at_a) = caller.final_response(LIMIT).expect("183");
-    assert_eq!(code, 183, "{progress_at_a}");
     assert_eq!(
         sdp_port(&progress_at_a, "video"),
         Some(0),
         "{progress_at_a}"
     );
-    let prack = String::from_utf8_lossy(&caller_request(
-        "PRACK",
-        &progress_at_a,
-        caller.addr(),
-        2,
-        None,
-    ))
-    .replace("Contact:", "RAck: 1 1 INVITE\r\nContact:");
-    caller.send(prack.as_bytes(), pbx.sip_addr());
+    caller.send(
+        &prack(&progress_at_a, caller.addr(), 2, None),
+        pbx.sip_addr(),
+    );
     let prack_at_b = callee.expect_request("PRACK");
     callee.send(
         &response_to(&prack_at_b, "200 OK", callee.addr(), None),
@@ -607,6 +564,34 @@ fn video_refused_in_a_reliable_183_gives_its_ports_back_when_the_200_has_no_sdp(
     wait_for_ports(&pbx, 4);
     call.exchange(1);
     hang_up(&call);
+}
+
+/// A caller that supports reliable provisional responses (RFC 3262)
+/// offers `offer`, and the callee answers `early` in a reliable 183: the
+/// caller, the INVITE at the callee and the 183 at the caller.
+fn answered_early(
+    pbx: &Pbx,
+    callee: &SipClient,
+    call_id: &str,
+    offer: &str,
+    early: &str,
+) -> (SipClient, String, String) {
+    let caller = SipClient::new();
+    let offer = invite(pbx.sip_addr(), "1002", caller.addr(), call_id, Some(offer));
+    let offer = String::from_utf8_lossy(&offer)
+        .replace("Content-Type:", "Supported: 100rel\r\nContent-Type:");
+    caller.send(offer.as_bytes(), pbx.sip_addr());
+    let invite_at_b = callee.expect_request("INVITE");
+    let progress = reliable_response_to(
+        &invite_at_b,
+        "183 Session Progress",
+        callee.addr(),
+        Some(early),
+    );
+    callee.send(&progress, pbx.sip_addr());
+    let (code, progress_at_a) = caller.final_response(LIMIT).expect("183");
+    assert_eq!(code, 183, "{progress_at_a}");
+    (caller, invite_at_b, progress_at_a)
 }
 
 fn ports_in_use(pbx: &Pbx) -> u64 {
