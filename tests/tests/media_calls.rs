@@ -692,6 +692,55 @@ fn a_restoring_reinvite_refused_for_glare_or_a_busy_callee_is_sent_again() {
     hang_up(&call);
 }
 
+/// A callee that lost the dialog answers the PBX's restoring re-INVITE
+/// 481 or 408: the call is over (RFC 3261 §12.2.1.2), so the caller gets
+/// a BYE at once, not silence until the RTP timeout.
+#[test]
+fn a_restoring_reinvite_the_callee_has_no_dialog_for_hangs_up_the_caller() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    for (n, refusal) in ["481 Call/Transaction Does Not Exist", "408 Request Timeout"]
+        .into_iter()
+        .enumerate()
+    {
+        let call = establish(&pbx, &callee, "0", &format!("restore-gone-{n}")).expect("answered");
+        hold_answered_with_unusable_sdp(&call);
+        let restore = call.callee.expect_request("INVITE");
+        let refused = response_to(&restore, refusal, call.callee.addr(), None);
+        call.callee.send(&refused, call.pbx);
+        call.callee.expect_request("ACK");
+        let bye = next(&call.caller, "the PBX's BYE", |m| m.starts_with("BYE "));
+        let ok = response_to(&bye, "200 OK", call.caller.addr(), None);
+        call.caller.send(&ok, call.pbx);
+        let records = pbx.wait_cdrs(n + 1);
+        assert_eq!(records[n]["end_reason"], "error", "{refusal}");
+        wait_until(LIMIT, "no calls left", || pbx.active_calls() == 0);
+    }
+}
+
+/// A callee that never answers the PBX's restoring re-INVITE is gone as
+/// much as one that answers 481: once the transaction times out (64*T1,
+/// 32 s), the caller gets a BYE.
+#[test]
+fn a_restoring_reinvite_never_answered_hangs_up_the_caller() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(
+        callee.addr().port(),
+        "media:\n  mode: bypass\n  port_pool: {start: 32000, end: 32999}\n  rtp_timeout: 120\n",
+    );
+    let call = establish(&pbx, &callee, "0", "restore-silent-1").expect("answered");
+    hold_answered_with_unusable_sdp(&call);
+    call.callee.expect_request("INVITE");
+    let timed_out = Duration::from_secs(32) + LIMIT;
+    let bye = call
+        .caller
+        .recv_matching(timed_out, |m| m.starts_with("BYE "))
+        .expect("a BYE once the restoring re-INVITE timed out");
+    let ok = response_to(&bye, "200 OK", call.caller.addr(), None);
+    call.caller.send(&ok, call.pbx);
+    assert_eq!(pbx.wait_cdrs(1)[0]["end_reason"], "error");
+}
+
 /// The PBX is the origin of the SDP each leg receives (RFC 3264 §8): one
 /// o= session whose version goes up when, and only when, the body changes,
 /// though the caller here never changes its own version.

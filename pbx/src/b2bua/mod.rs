@@ -662,6 +662,9 @@ impl B2bua {
                 self.await_repeats(tx, key, side, now);
                 self.on_restored(key, side, &response, txl);
             }
+            ClientPurpose::Restore(key, side, _) if matches!(code, 408 | 481) => {
+                self.restore_found_no_dialog(key, side, code, txl, now);
+            }
             ClientPurpose::Restore(key, side, attempt) if code >= 300 => {
                 match restore_retry(&response, side).filter(|_| attempt < RESTORE_ATTEMPTS) {
                     Some(wait) => self
@@ -729,6 +732,27 @@ impl B2bua {
         let tx = txl.send_request(invite, leg.peer, now);
         self.client_txs
             .insert(tx, ClientPurpose::Restore(key, side, attempt));
+    }
+
+    /// The leg answered the restoring re-INVITE 481 or 408, or never
+    /// answered it: its dialog is gone (RFC 3261 §12.2.1.2), and with it
+    /// the call's media, so the other leg is hung up at once rather than
+    /// left in silence until `media.rtp_timeout`.
+    fn restore_found_no_dialog(
+        &mut self,
+        key: CallKey,
+        side: LegSide,
+        code: u16,
+        txl: &mut TransactionLayer,
+        now: Instant,
+    ) {
+        tracing::info!(
+            call = key,
+            code,
+            leg = ?side,
+            "the leg lost the dialog the PBX tried to restore its session in: hanging up"
+        );
+        self.hang_up(key, Some(side), EndReason::Error, txl, now);
     }
 
     fn on_restored(
@@ -1231,7 +1255,10 @@ impl B2bua {
                 txl.respond(relay.server_tx, &response, now);
             }
             Some(ClientPurpose::Bye(key, side)) => self.bye_done(key, side),
-            Some(ClientPurpose::Answered(..) | ClientPurpose::Restore(..)) | None => {}
+            Some(ClientPurpose::Restore(key, side, _)) => {
+                self.restore_found_no_dialog(key, side, 408, txl, now);
+            }
+            Some(ClientPurpose::Answered(..)) | None => {}
         }
     }
 
