@@ -710,6 +710,11 @@ fn a_restoring_reinvite_the_callee_has_no_dialog_for_hangs_up_the_caller() {
         call.callee.send(&refused, call.pbx);
         call.callee.expect_request("ACK");
         let bye = next(&call.caller, "the PBX's BYE", |m| m.starts_with("BYE "));
+        let cause = format!("SIP;cause={}", &refusal[..3]);
+        assert!(
+            header(&bye, "Reason").is_some_and(|r| r.starts_with(&cause)),
+            "{bye}"
+        );
         let ok = response_to(&bye, "200 OK", call.caller.addr(), None);
         call.caller.send(&ok, call.pbx);
         let records = pbx.wait_cdrs(n + 1);
@@ -726,7 +731,7 @@ fn a_restoring_reinvite_never_answered_hangs_up_the_caller() {
     let callee = SipClient::new();
     let pbx = Pbx::start(
         callee.addr().port(),
-        "media:\n  mode: bypass\n  port_pool: {start: 32000, end: 32999}\n  rtp_timeout: 120\n",
+        "media:\n  mode: bypass\n  port_pool: {start: 36000, end: 36999}\n  rtp_timeout: 120\n",
     );
     let call = establish(&pbx, &callee, "0", "restore-silent-1").expect("answered");
     hold_answered_with_unusable_sdp(&call);
@@ -736,6 +741,10 @@ fn a_restoring_reinvite_never_answered_hangs_up_the_caller() {
         .caller
         .recv_matching(timed_out, |m| m.starts_with("BYE "))
         .expect("a BYE once the restoring re-INVITE timed out");
+    assert!(
+        header(&bye, "Reason").is_some_and(|r| r.starts_with("SIP;cause=408")),
+        "{bye}"
+    );
     let ok = response_to(&bye, "200 OK", call.caller.addr(), None);
     call.caller.send(&ok, call.pbx);
     assert_eq!(pbx.wait_cdrs(1)[0]["end_reason"], "error");

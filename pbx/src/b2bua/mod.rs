@@ -737,7 +737,8 @@ impl B2bua {
     /// The leg answered the restoring re-INVITE 481 or 408, or never
     /// answered it: its dialog is gone (RFC 3261 §12.2.1.2), and with it
     /// the call's media, so the other leg is hung up at once rather than
-    /// left in silence until `media.rtp_timeout`.
+    /// left in silence until `media.rtp_timeout`, with `code` as the
+    /// BYE's Reason.
     fn restore_found_no_dialog(
         &mut self,
         key: CallKey,
@@ -746,13 +747,18 @@ impl B2bua {
         txl: &mut TransactionLayer,
         now: Instant,
     ) {
+        if self.calls.get(&key).is_none_or(|c| c.outcome.is_some()) {
+            return;
+        }
         tracing::info!(
             call = key,
             code,
             leg = ?side,
             "the leg lost the dialog the PBX tried to restore its session in: hanging up"
         );
-        self.hang_up(key, Some(side), EndReason::Error, txl, now);
+        let reason = format!("SIP;cause={code};text=\"The far leg lost the dialog\"");
+        self.send_bye(key, side.other(), Some(&reason), txl, now);
+        self.finish(key, outcome(200, Some(EndReason::Error)));
     }
 
     fn on_restored(
