@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use sip_pbx_e2e::{
-    assert_sipp_ok, caller_request, free_port, header, invite, response_to, status_code,
-    wait_until, Pbx, SipClient, Sipp,
+    assert_sipp_ok, callee_request, caller_request, free_port, header, invite, response_to,
+    status_code, wait_until, Pbx, SipClient, Sipp,
 };
 
 const CALL_LIMIT: Duration = Duration::from_secs(30);
@@ -210,6 +210,68 @@ fn a_bye_while_ringing_ends_the_invite_with_487_and_cancels_the_callee() {
         pbx.sip_addr(),
     );
     callee.expect_request("ACK");
+    assert_no_calls_left(&pbx);
+}
+
+/// Why a call ended goes on with the BYE or CANCEL to the other leg (RFC
+/// 3326): a gateway's Q.850 cause reaches the phone or carrier on the far
+/// side.
+#[test]
+fn the_reason_of_a_bye_or_a_cancel_reaches_the_other_leg() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), "");
+    let why = "Q.850;cause=16;text=\"Normal call clearing\"";
+
+    let caller = raw_invite(&pbx, "reason-bye");
+    let invite_at_b = callee.expect_request("INVITE");
+    callee.send(
+        &response_to(&invite_at_b, "200 OK", callee.addr(), None),
+        pbx.sip_addr(),
+    );
+    let (code, ok) = caller.final_response(CALL_LIMIT).expect("200");
+    assert_eq!(code, 200, "{ok}");
+    caller.send(
+        &caller_request("ACK", &ok, caller.addr(), 1, None),
+        pbx.sip_addr(),
+    );
+    callee.expect_request("ACK");
+    let bye = String::from_utf8_lossy(&callee_request("BYE", &invite_at_b, callee.addr(), 1, None))
+        .replace("Contact:", &format!("Reason: {why}\r\nContact:"));
+    callee.send(bye.as_bytes(), pbx.sip_addr());
+    let bye_at_caller = caller.expect_request("BYE");
+    assert_eq!(header(&bye_at_caller, "Reason"), Some(why));
+    caller.send(
+        &response_to(&bye_at_caller, "200 OK", caller.addr(), None),
+        pbx.sip_addr(),
+    );
+    let (code, bye_ok) = callee.final_response(CALL_LIMIT).expect("BYE answered");
+    assert_eq!(code, 200, "{bye_ok}");
+
+    let caller = SipClient::new();
+    let to_pbx = invite(pbx.sip_addr(), "1002", caller.addr(), "reason-cancel", None);
+    caller.send(&to_pbx, pbx.sip_addr());
+    let invite_at_b = callee.expect_request("INVITE");
+    callee.send(
+        &response_to(&invite_at_b, "180 Ringing", callee.addr(), None),
+        pbx.sip_addr(),
+    );
+    let (code, ringing) = caller.final_response(CALL_LIMIT).expect("180");
+    assert_eq!(code, 180, "{ringing}");
+    let cancel = String::from_utf8_lossy(&to_pbx)
+        .replacen("INVITE sip:", "CANCEL sip:", 1)
+        .replacen("CSeq: 1 INVITE", "CSeq: 1 CANCEL", 1)
+        .replacen("Contact:", &format!("Reason: {why}\r\nContact:"), 1);
+    caller.send(cancel.as_bytes(), pbx.sip_addr());
+    let cancel_at_callee = callee.expect_request("CANCEL");
+    assert_eq!(header(&cancel_at_callee, "Reason"), Some(why));
+    callee.send(
+        &response_to(&cancel_at_callee, "200 OK", callee.addr(), None),
+        pbx.sip_addr(),
+    );
+    callee.send(
+        &response_to(&invite_at_b, "487 Request Terminated", callee.addr(), None),
+        pbx.sip_addr(),
+    );
     assert_no_calls_left(&pbx);
 }
 

@@ -620,7 +620,7 @@ impl B2bua {
         }
         let terminated = Message::response_to(&call.a_invite, 487, Some(&call.a.local_tag));
         txl.respond(call.a_invite_tx, &terminated, now);
-        self.abandon_forks(key, None, None, txl, now);
+        self.abandon_forks(key, None, reasons(&request).as_deref(), txl, now);
         self.finish(key, outcome(487, None));
     }
 
@@ -1052,7 +1052,8 @@ impl B2bua {
             } else {
                 EndReason::CalleeBye
             };
-            return self.hang_up(key, Some(side), reason, txl, now);
+            let why = reasons(&request);
+            return self.hang_up(key, Some(side), reason, why.as_deref(), txl, now);
         }
         if let Err(refusal) = check_require(&request) {
             return refuse(txl, tx, &request, refusal, now);
@@ -1276,17 +1277,19 @@ impl B2bua {
             .find_map(|c| c.awaited_ack.filter(|a| a.server_tx == tx).map(|_| c.key));
         if let Some(key) = key {
             tracing::info!(call = key, "no ACK for 2xx: hanging up");
-            self.hang_up(key, None, EndReason::Error, txl, now);
+            self.hang_up(key, None, EndReason::Error, None, txl, now);
         }
     }
 
     /// Ends a call: BYE to every leg except `except` (the one that sent
     /// BYE), then the record. A call still ringing has its forks cancelled.
+    /// `why` is the Reason (RFC 3326) the leg's BYE gave, passed on.
     pub fn hang_up(
         &mut self,
         key: CallKey,
         except: Option<LegSide>,
         reason: EndReason,
+        why: Option<&str>,
         txl: &mut TransactionLayer,
         now: Instant,
     ) {
@@ -1301,7 +1304,7 @@ impl B2bua {
                 // A BYE in the early dialog ends the INVITE (RFC 3261 §15.1.2).
                 let terminated = Message::response_to(&call.a_invite, 487, Some(&call.a.local_tag));
                 txl.respond(call.a_invite_tx, &terminated, now);
-                self.abandon_forks(key, None, None, txl, now);
+                self.abandon_forks(key, None, why, txl, now);
             }
             CallState::Answered if !call.acks.contains_key(&LegSide::B) => {
                 // The callee's 2xx still waits for an ACK: give it one first.
@@ -1311,7 +1314,7 @@ impl B2bua {
         }
         for side in [LegSide::A, LegSide::B] {
             if Some(side) != except {
-                self.send_bye(key, side, None, txl, now);
+                self.send_bye(key, side, why, txl, now);
             }
         }
         let answered = self.calls.get(&key).is_some_and(|c| c.answered.is_some());
@@ -1450,7 +1453,7 @@ impl B2bua {
             if early {
                 self.fail_call(key, 503, txl, now);
             } else {
-                self.hang_up(key, None, reason, txl, now);
+                self.hang_up(key, None, reason, None, txl, now);
             }
         }
     }
@@ -1469,7 +1472,7 @@ impl B2bua {
             .find(|c| c.media == session && c.outcome.is_none() && c.answered.is_some())
             .map(|c| c.key);
         if let Some(key) = key {
-            self.hang_up(key, None, EndReason::RtpTimeout, txl, now);
+            self.hang_up(key, None, EndReason::RtpTimeout, None, txl, now);
         }
     }
 }
@@ -1612,6 +1615,13 @@ fn callee_response_to_caller(
         relayed.set_body(Some("application/sdp"), body);
     }
     Ok(relayed)
+}
+
+/// The Reason header values (RFC 3326) of a BYE or CANCEL, as one list,
+/// to pass on why a leg ended: a gateway's Q.850 cause, say.
+fn reasons(request: &Message) -> Option<String> {
+    let values: Vec<&str> = request.headers.get_all("Reason").collect();
+    (!values.is_empty()).then(|| values.join(", "))
 }
 
 fn copy_headers(from: &Message, to: &mut Message, names: &[&str]) {
