@@ -104,7 +104,7 @@ pub trait SessionMedia: Send {
         answer: Bytes,
     ) -> Result<(), MediaError>;
     /// The answerer's final response carried no SDP, so the answer of its
-    /// provisional response is the final one (RFC 3262 §3): streams it
+    /// provisional response is the final one (RFC 3262): streams it
     /// refused give their ports back.
     fn early_answer_stands(&mut self, session: MediaSessionId);
     /// The codec the call settled on, for the CDR.
