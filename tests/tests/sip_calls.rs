@@ -172,11 +172,10 @@ fn raw_invite(pbx: &Pbx, call_id: &str) -> SipClient {
     client
 }
 
-#[test]
-fn a_bye_while_ringing_ends_the_invite_with_487_and_cancels_the_callee() {
-    let callee = SipClient::new();
-    let pbx = Pbx::start(callee.addr().port(), "");
-    let caller = raw_invite(&pbx, "early-bye");
+/// A raw caller's call to 1002 that the raw `callee` has answered 180:
+/// the caller, the INVITE at the callee and the 180 at the caller.
+fn ringing(pbx: &Pbx, callee: &SipClient, call_id: &str) -> (SipClient, String, String) {
+    let caller = raw_invite(pbx, call_id);
     let invite = callee.expect_request("INVITE");
     callee.send(
         &response_to(&invite, "180 Ringing", callee.addr(), None),
@@ -184,6 +183,14 @@ fn a_bye_while_ringing_ends_the_invite_with_487_and_cancels_the_callee() {
     );
     let (code, ringing) = caller.final_response(CALL_LIMIT).expect("180");
     assert_eq!(code, 180, "{ringing}");
+    (caller, invite, ringing)
+}
+
+#[test]
+fn a_bye_while_ringing_ends_the_invite_with_487_and_cancels_the_callee() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), "");
+    let (caller, invite, ringing) = ringing(&pbx, &callee, "early-bye");
     caller.send(
         &caller_request("BYE", &ringing, caller.addr(), 2, None),
         pbx.sip_addr(),
@@ -247,17 +254,10 @@ fn the_reason_of_a_bye_or_a_cancel_reaches_the_other_leg() {
     let (code, bye_ok) = callee.final_response(CALL_LIMIT).expect("BYE answered");
     assert_eq!(code, 200, "{bye_ok}");
 
-    let caller = SipClient::new();
-    let to_pbx = invite(pbx.sip_addr(), "1002", caller.addr(), "reason-cancel", None);
-    caller.send(&to_pbx, pbx.sip_addr());
-    let invite_at_b = callee.expect_request("INVITE");
-    callee.send(
-        &response_to(&invite_at_b, "180 Ringing", callee.addr(), None),
-        pbx.sip_addr(),
-    );
-    let (code, ringing) = caller.final_response(CALL_LIMIT).expect("180");
-    assert_eq!(code, 180, "{ringing}");
-    let cancel = String::from_utf8_lossy(&to_pbx)
+    let (caller, invite_at_b, _) = ringing(&pbx, &callee, "reason-cancel");
+    // The caller's INVITE again, to CANCEL: the same call, the same bytes.
+    let sent = invite(pbx.sip_addr(), "1002", caller.addr(), "reason-cancel", None);
+    let cancel = String::from_utf8_lossy(&sent)
         .replacen("INVITE sip:", "CANCEL sip:", 1)
         .replacen("CSeq: 1 INVITE", "CSeq: 1 CANCEL", 1)
         .replacen("Contact:", &format!("Reason: {why}\r\nContact:"), 1);
