@@ -504,6 +504,83 @@ fn video_the_callee_refuses_holds_no_ports() {
     hang_up(&call);
 }
 
+/// A fax gateway switches the call to T.38 with a re-INVITE whose one
+/// m-line is `image udptl t38`, from new ports. The relay carries the
+/// UDPTL packets, which are not RTP, both ways, with the T.38 attributes
+/// untouched, and the call goes back to voice on its first ports.
+#[test]
+fn a_t38_fax_reinvite_is_relayed_and_the_call_returns_to_voice() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let call = establish(&pbx, &callee, "0", "t38-1").expect("answered");
+    let (fax_a, fax_b) = (media_pair(), media_pair());
+    let t38 = |port: u16| {
+        format!(
+            "v=0\r\no=gw 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+             m=image {port} udptl t38\r\na=T38FaxVersion:0\r\na=T38MaxBitRate:14400\r\n\
+             a=T38FaxRateManagement:transferredTCF\r\na=T38FaxUdpEC:t38UDPRedundancy\r\n"
+        )
+    };
+    call.caller.send(
+        &call.request("INVITE", 2, Some(&t38(port(&fax_a)))),
+        call.pbx,
+    );
+    let reinvite = call.callee.expect_request("INVITE");
+    assert!(
+        reinvite.contains("a=T38FaxUdpEC:t38UDPRedundancy"),
+        "{reinvite}"
+    );
+    let relay_port = |message: &str| {
+        let port = sdp_port(message, "image").filter(|&p| p != 0);
+        SocketAddr::new(
+            call.pbx.ip(),
+            port.unwrap_or_else(|| panic!("T.38 in:\n{message}")),
+        )
+    };
+    let to_pbx_from_b = relay_port(&reinvite);
+    let ok = response_to(
+        &reinvite,
+        "200 OK",
+        call.callee.addr(),
+        Some(&t38(port(&fax_b))),
+    );
+    call.callee.send(&ok, call.pbx);
+    let (code, ok_at_a) = call.caller.final_response(LIMIT).expect("an answer");
+    assert_eq!(code, 200, "{ok_at_a}");
+    let to_pbx_from_a = relay_port(&ok_at_a);
+    call.caller.send(&call.request("ACK", 2, None), call.pbx);
+    call.callee.expect_request("ACK");
+
+    // UDPTL: a sequence number and IFP packets, no RTP header.
+    let udptl = |seq: u8| vec![0x00, seq, 0x03, 0x06, 0x80, 0x00, 0x00, 0x00];
+    for (from, to_pbx, at, seq) in [
+        (&fax_a, to_pbx_from_a, &fax_b, 1),
+        (&fax_b, to_pbx_from_b, &fax_a, 2),
+    ] {
+        from.0.send_to(&udptl(seq), to_pbx).expect("send");
+        let (got, _) = receive(&at.0).expect("UDPTL through the relay");
+        assert_eq!(got, udptl(seq));
+    }
+
+    let voice_a = audio_sdp(port(&call.a), "0");
+    call.caller
+        .send(&call.request("INVITE", 3, Some(&voice_a)), call.pbx);
+    let back = call.callee.expect_request("INVITE");
+    let ok = response_to(
+        &back,
+        "200 OK",
+        call.callee.addr(),
+        Some(&audio_sdp(port(&call.b), "0")),
+    );
+    call.callee.send(&ok, call.pbx);
+    let (code, ok_at_a) = call.caller.final_response(LIMIT).expect("an answer");
+    assert_eq!(code, 200, "{ok_at_a}");
+    call.caller.send(&call.request("ACK", 3, None), call.pbx);
+    call.callee.expect_request("ACK");
+    call.exchange(1);
+    hang_up(&call);
+}
+
 /// A callee that answers in a reliable 183 (RFC 3262) need not repeat the
 /// answer in its 200. When that early answer refused the caller's video,
 /// the video's ports go back once the 200 comes, as after any final answer.
