@@ -581,6 +581,38 @@ fn a_t38_fax_reinvite_is_relayed_and_the_call_returns_to_voice() {
     hang_up(&call);
 }
 
+/// Phones that encrypt their media with SDES keys (RFC 4568) offer
+/// RTP/SAVP with a=crypto: the relay passes the keys through untouched
+/// and forwards the SRTP packets as they come, so the two phones decrypt
+/// each other's media.
+#[test]
+fn srtp_with_sdes_keys_is_relayed_end_to_end() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass(""));
+    let call = establish_with(&pbx, &callee, "0", "srtp-1", sdes).expect("answered");
+    for message in [&call.invite_at_b, &call.ok_at_a] {
+        assert!(message.contains(" RTP/SAVP 0"), "{message}");
+        assert!(message.contains(CRYPTO), "{message}");
+    }
+    call.exchange(1);
+    hang_up(&call);
+}
+
+const CRYPTO: &str =
+    "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR";
+
+/// `message` with its SDP offering or answering SRTP with SDES keys.
+fn sdes(message: Vec<u8>) -> Vec<u8> {
+    let text = String::from_utf8_lossy(&message).to_string();
+    let (head, sdp) = text.split_once("\r\n\r\n").expect("a head");
+    let secured = sdp.replace(" RTP/AVP ", " RTP/SAVP ") + CRYPTO + "\r\n";
+    let head = head.replace(
+        &format!("Content-Length: {}", sdp.len()),
+        &format!("Content-Length: {}", secured.len()),
+    );
+    format!("{head}\r\n\r\n{secured}").into_bytes()
+}
+
 /// A callee that answers in a reliable 183 (RFC 3262) need not repeat the
 /// answer in its 200. When that early answer refused the caller's video,
 /// the video's ports go back once the 200 comes, as after any final answer.
