@@ -94,6 +94,22 @@ impl Call<'_> {
         }
     }
 
+    /// A re-INVITE of the caller's (CSeq `cseq`) offering `offer`, which
+    /// the callee answers 200 with `answer`, and its ACK: the re-INVITE as
+    /// the callee got it and the 200 as the caller got it.
+    pub fn reinvite(&self, cseq: u32, offer: &str, answer: &str) -> (String, String) {
+        self.caller
+            .send(&self.request("INVITE", cseq, Some(offer)), self.pbx);
+        let reinvite = self.callee.expect_request("INVITE");
+        let ok = response_to(&reinvite, "200 OK", self.callee.addr(), Some(answer));
+        self.callee.send(&ok, self.pbx);
+        let (code, ok_at_a) = self.caller.final_response(LIMIT).expect("200 to re-INVITE");
+        assert_eq!(code, 200, "{ok_at_a}");
+        self.caller.send(&self.request("ACK", cseq, None), self.pbx);
+        self.callee.expect_request("ACK");
+        (reinvite, ok_at_a)
+    }
+
     /// An in-dialog request from the callee, built from the INVITE it
     /// answered.
     pub fn callee_request(&self, method: &str, cseq: u32, sdp: Option<&str>) -> Vec<u8> {

@@ -153,26 +153,15 @@ fn hold_and_move(config: &str) {
     let (moved, _) = media_pair();
     let moved_port = moved.local_addr().expect("addr").port();
     let hold = audio_sdp(moved_port, "0 101").replace("a=sendrecv", "a=sendonly");
-    call.caller
-        .send(&call.request("INVITE", 3, Some(&hold)), call.pbx);
-    let reinvite = call.callee.expect_request("INVITE");
+    let answer = audio_sdp(port(&call.b), "0 101").replace("a=sendrecv", "a=recvonly");
+    let (reinvite, ok) = call.reinvite(3, &hold, &answer);
     assert!(reinvite.contains("a=sendonly"), "{reinvite}");
     assert_eq!(
         sdp_audio_target(&reinvite),
         Some(call.to_pbx_from_b),
         "same relay port"
     );
-    let answer = audio_sdp(call.b.0.local_addr().expect("addr").port(), "0 101")
-        .replace("a=sendrecv", "a=recvonly");
-    call.callee.send(
-        &response_to(&reinvite, "200 OK", call.callee.addr(), Some(&answer)),
-        call.pbx,
-    );
-    let (code, ok) = call.caller.final_response(LIMIT).expect("200 to re-INVITE");
-    assert_eq!(code, 200);
     assert!(ok.contains("a=recvonly"), "{ok}");
-    call.caller.send(&call.request("ACK", 3, None), call.pbx);
-    call.callee.expect_request("ACK");
     moved
         .set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
@@ -521,11 +510,7 @@ fn a_t38_fax_reinvite_is_relayed_and_the_call_returns_to_voice() {
              a=T38FaxRateManagement:transferredTCF\r\na=T38FaxUdpEC:t38UDPRedundancy\r\n"
         )
     };
-    call.caller.send(
-        &call.request("INVITE", 2, Some(&t38(port(&fax_a)))),
-        call.pbx,
-    );
-    let reinvite = call.callee.expect_request("INVITE");
+    let (reinvite, ok_at_a) = call.reinvite(2, &t38(port(&fax_a)), &t38(port(&fax_b)));
     assert!(
         reinvite.contains("a=T38FaxUdpEC:t38UDPRedundancy"),
         "{reinvite}"
@@ -537,19 +522,7 @@ fn a_t38_fax_reinvite_is_relayed_and_the_call_returns_to_voice() {
             port.unwrap_or_else(|| panic!("T.38 in:\n{message}")),
         )
     };
-    let to_pbx_from_b = relay_port(&reinvite);
-    let ok = response_to(
-        &reinvite,
-        "200 OK",
-        call.callee.addr(),
-        Some(&t38(port(&fax_b))),
-    );
-    call.callee.send(&ok, call.pbx);
-    let (code, ok_at_a) = call.caller.final_response(LIMIT).expect("an answer");
-    assert_eq!(code, 200, "{ok_at_a}");
-    let to_pbx_from_a = relay_port(&ok_at_a);
-    call.caller.send(&call.request("ACK", 2, None), call.pbx);
-    call.callee.expect_request("ACK");
+    let (to_pbx_from_a, to_pbx_from_b) = (relay_port(&ok_at_a), relay_port(&reinvite));
 
     // UDPTL: a sequence number and IFP packets, no RTP header.
     let udptl = |seq: u8| vec![0x00, seq, 0x03, 0x06, 0x80, 0x00, 0x00, 0x00];
@@ -562,21 +535,8 @@ fn a_t38_fax_reinvite_is_relayed_and_the_call_returns_to_voice() {
         assert_eq!(got, udptl(seq));
     }
 
-    let voice_a = audio_sdp(port(&call.a), "0");
-    call.caller
-        .send(&call.request("INVITE", 3, Some(&voice_a)), call.pbx);
-    let back = call.callee.expect_request("INVITE");
-    let ok = response_to(
-        &back,
-        "200 OK",
-        call.callee.addr(),
-        Some(&audio_sdp(port(&call.b), "0")),
-    );
-    call.callee.send(&ok, call.pbx);
-    let (code, ok_at_a) = call.caller.final_response(LIMIT).expect("an answer");
-    assert_eq!(code, 200, "{ok_at_a}");
-    call.caller.send(&call.request("ACK", 3, None), call.pbx);
-    call.callee.expect_request("ACK");
+    let voice = |pair| audio_sdp(port(pair), "0");
+    call.reinvite(3, &voice(&call.a), &voice(&call.b));
     call.exchange(1);
     hang_up(&call);
 }
