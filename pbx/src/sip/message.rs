@@ -305,13 +305,13 @@ impl fmt::Display for CSeq {
     }
 }
 
-/// Default reason phrases for the codes the PBX generates.
 /// The delta-seconds an Expires or Retry-After value starts with; a comment
 /// or parameters may follow (RFC 3261 §20.33).
 pub fn delta_seconds(value: &str) -> Option<u32> {
     value.split([';', '(', ' ']).next()?.parse().ok()
 }
 
+/// Default reason phrases for the codes the PBX generates.
 pub fn reason_phrase(code: u16) -> &'static str {
     match code {
         100 => "Trying",
