@@ -757,8 +757,7 @@ impl B2bua {
             "the leg lost the dialog the PBX tried to restore its session in: hanging up"
         );
         let reason = format!("SIP;cause={code};text=\"The far leg lost the dialog\"");
-        self.send_bye(key, side.other(), Some(&reason), txl, now);
-        self.finish(key, outcome(200, Some(EndReason::Error)));
+        self.hang_up(key, Some(side), EndReason::Error, Some(&reason), txl, now);
     }
 
     fn on_restored(
@@ -1283,7 +1282,8 @@ impl B2bua {
 
     /// Ends a call: BYE to every leg except `except` (the one that sent
     /// BYE), then the record. A call still ringing has its forks cancelled.
-    /// `why` is the Reason (RFC 3326) the leg's BYE gave, passed on.
+    /// `why` is the Reason (RFC 3326) the BYEs and CANCELs carry: the one
+    /// the leg's own BYE gave, or the PBX's own.
     pub fn hang_up(
         &mut self,
         key: CallKey,
