@@ -282,21 +282,7 @@ fn a_phone_whose_200_has_no_sdp_is_relayed_the_answer_of_its_reliable_183() {
     let (a, b) = (media_pair(), media_pair());
     let offer = audio_sdp(port(&a), "0");
     let invites = ring(&pbx, &caller, &phones, "fork-early-answer", Some(&offer));
-    respond(&phones[0], &invites[0], "180 Ringing", pbx.sip_addr());
-    let (code, ringing) = caller.final_response(LIMIT).expect("ringing");
-    assert_eq!(code, 180, "{ringing}");
-
-    let early = audio_sdp(port(&b), "0");
-    let progress = reliable_response_to(
-        &invites[1],
-        "183 Session Progress",
-        phones[1].client.addr(),
-        Some(&early),
-    );
-    phones[1].client.send(&progress, pbx.sip_addr());
-    let prack = next(&phones[1].client, &invites[1]);
-    assert_eq!(method(&prack), "PRACK", "{prack}");
-    respond(&phones[1], &prack, "200 OK", pbx.sip_addr());
+    answer_early_after_another_rang(&pbx, &caller, &phones, &invites, &audio_sdp(port(&b), "0"));
 
     let ok = answer(&pbx, &caller, &phones[1], &invites[1], None);
     let to_pbx_from_a = sdp_audio_target(&ok).expect("the phone's answer in the 200");
@@ -310,6 +296,59 @@ fn a_phone_whose_200_has_no_sdp_is_relayed_the_answer_of_its_reliable_183() {
 
     cancelled(&pbx, &phones[0], &invites[0]);
     hang_up(&pbx, &caller, &ok, &phones[1]);
+}
+
+/// The same, when the SDP of that reliable 183 is unusable (unparsable):
+/// the call fails with 502 as for an unusable answer in a 200, and the
+/// phone that answered is hung up with the reason.
+#[test]
+fn a_phone_whose_reliable_183_held_unusable_sdp_fails_the_call_with_502() {
+    let pbx = relaying_pbx(30500, 30999);
+    let phones = two_phones(&pbx);
+    let caller = SipClient::new();
+    let offer = audio_sdp(port(&media_pair()), "0");
+    let invites = ring(&pbx, &caller, &phones, "fork-bad-early", Some(&offer));
+    let unusable = audio_sdp(port(&media_pair()), "0").replace("m=audio", "m=audio twenty");
+    answer_early_after_another_rang(&pbx, &caller, &phones, &invites, &unusable);
+
+    let ok = response_to(&invites[1], "200 OK", phones[1].client.addr(), None);
+    phones[1].client.send(&ok, pbx.sip_addr());
+    let (code, refusal) = caller.final_response(LIMIT).expect("the caller's answer");
+    assert_eq!(code, 502, "{refusal}");
+    phones[1].client.expect_request("ACK");
+    let bye = phones[1].client.expect_request("BYE");
+    assert!(
+        header(&bye, "Reason").is_some_and(|r| r.starts_with("SIP;cause=488")),
+        "{bye}"
+    );
+    respond(&phones[1], &bye, "200 OK", pbx.sip_addr());
+    cancelled(&pbx, &phones[0], &invites[0]);
+    wait_until(LIMIT, "no calls left", || pbx.active_calls() == 0);
+}
+
+/// Phone 0 rings first (180), so it speaks for the B leg; phone 1 then
+/// answers the caller's offer with `early` in a reliable 183, which the
+/// PBX acknowledges itself.
+fn answer_early_after_another_rang(
+    pbx: &Pbx,
+    caller: &SipClient,
+    phones: &[Phone; 2],
+    invites: &[String; 2],
+    early: &str,
+) {
+    respond(&phones[0], &invites[0], "180 Ringing", pbx.sip_addr());
+    let (code, ringing) = caller.final_response(LIMIT).expect("ringing");
+    assert_eq!(code, 180, "{ringing}");
+    let progress = reliable_response_to(
+        &invites[1],
+        "183 Session Progress",
+        phones[1].client.addr(),
+        Some(early),
+    );
+    phones[1].client.send(&progress, pbx.sip_addr());
+    let prack = next(&phones[1].client, &invites[1]);
+    assert_eq!(method(&prack), "PRACK", "{prack}");
+    respond(&phones[1], &prack, "200 OK", pbx.sip_addr());
 }
 
 fn port(pair: &(UdpSocket, UdpSocket)) -> u16 {
