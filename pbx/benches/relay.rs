@@ -5,7 +5,8 @@
 //! counted) and the loss.
 //!
 //! `cargo bench -p sip-pbx --bench relay -- --calls 100,400,800 --seconds 5 --threads 1`
-//! (`--relay-io epoll` for the fallback path; `auto` by default).
+//! (`--relay-io epoll` for the fallback path, `packet_ring` for the packet
+//! ring; `auto` by default).
 //!
 //! `--syscalls` instead compares, on one socket pair, the per-packet cost
 //! of recvfrom+sendto with recvmmsg+sendmmsg at batch sizes 1 and 16.
@@ -60,6 +61,7 @@ fn options() -> Options {
                 options.relay_io = match pair[1].as_str() {
                     "epoll" => RelayIo::Epoll,
                     "io_uring" => RelayIo::IoUring,
+                    "packet_ring" => RelayIo::PacketRing,
                     _ => RelayIo::Auto,
                 }
             }

@@ -1,13 +1,13 @@
 //! The bypass relay over real loopback sockets: UDP sockets play the two
 //! phones of a call and talk through the PBX's ports.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use sip_pbx::config::{MediaConfig, PortRange};
+use sip_pbx::config::{MediaConfig, PortRange, RelayIo};
 use sip_pbx::media::{
     sdp, LegSide, MediaCounters, MediaError, MediaEvent, MediaSessionId, RelayMedia, SdpRole,
     SessionMedia,
@@ -26,9 +26,14 @@ struct Pbx {
 
 /// Each test takes its own pool range, below the ephemeral ports the phones get.
 fn pbx(start: u16, end: u16, rtp_timeout: u64, ip: &str) -> Pbx {
+    pbx_on(RelayIo::Auto, start, end, rtp_timeout, ip)
+}
+
+fn pbx_on(relay_io: RelayIo, start: u16, end: u16, rtp_timeout: u64, ip: &str) -> Pbx {
     let config = MediaConfig {
         port_pool: PortRange { start, end },
         rtp_timeout,
+        relay_io,
         ..MediaConfig::default()
     };
     let status = Arc::new(PbxStatus::default());
@@ -98,15 +103,20 @@ struct Call {
 }
 
 impl Call {
-    /// A sends to the PBX; B must receive exactly that.
+    /// A sends to the PBX; B must receive exactly that, from the port B
+    /// sends to (symmetric RTP).
     fn a_to_b(&self, payload: &[u8]) {
         send(&self.a.rtp, self.ip, self.to_a, payload);
-        assert_eq!(receive(&self.b.rtp), payload);
+        let (got, from) = receive_from(&self.b.rtp);
+        assert_eq!(got, payload);
+        assert_eq!(from.port(), self.to_b, "the port B sends to");
     }
 
     fn b_to_a(&self, payload: &[u8]) {
         send(&self.b.rtp, self.ip, self.to_b, payload);
-        assert_eq!(receive(&self.a.rtp), payload);
+        let (got, from) = receive_from(&self.a.rtp);
+        assert_eq!(got, payload);
+        assert_eq!(from.port(), self.to_a, "the port A sends to");
     }
 
     /// The call's counters once `ready` holds: the relay counts a packet
@@ -123,9 +133,18 @@ impl Call {
 }
 
 fn call(start: u16, end: u16, rtp_timeout: u64, ip: &str) -> Call {
-    let mut pbx = pbx(start, end, rtp_timeout, ip);
+    call_on(RelayIo::Auto, start, end, rtp_timeout, ip)
+}
+
+fn call_on(relay_io: RelayIo, start: u16, end: u16, rtp_timeout: u64, ip: &str) -> Call {
+    let pbx = pbx_on(relay_io, start, end, rtp_timeout, ip);
     let ip = pbx.ip;
-    let (a, b) = (phone(ip), phone(ip));
+    call_between(pbx, phone(ip), phone(ip))
+}
+
+/// Phones `a` and `b` call through `pbx`; A's offer says where A is.
+fn call_between(mut pbx: Pbx, a: Phone, b: Phone) -> Call {
+    let ip = pbx.ip;
     let id = pbx.media.open().expect("open");
     let offer = pbx
         .media
@@ -155,10 +174,14 @@ fn send(socket: &UdpSocket, ip: IpAddr, port: u16, payload: &[u8]) {
 }
 
 fn receive(socket: &UdpSocket) -> Vec<u8> {
+    receive_from(socket).0
+}
+
+fn receive_from(socket: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     let mut buffer = vec![0u8; 65536];
-    let (n, _) = socket.recv_from(&mut buffer).expect("packet within WAIT");
+    let (n, from) = socket.recv_from(&mut buffer).expect("packet within WAIT");
     buffer.truncate(n);
-    buffer
+    (buffer, from)
 }
 
 fn rtp(seq: u16, size: usize) -> Vec<u8> {
@@ -188,7 +211,15 @@ fn next_event(events: &mut UnboundedReceiver<MediaEvent>) -> MediaEvent {
 
 #[test]
 fn rtp_and_rtcp_flow_both_ways_with_payloads_intact() {
-    let mut c = call(25000, 25099, 60, "127.0.0.1");
+    flows_both_ways(call(25000, 25099, 60, "127.0.0.1"));
+}
+
+#[test]
+fn the_packet_ring_carries_rtp_and_rtcp_both_ways_with_payloads_intact() {
+    flows_both_ways(call_on(RelayIo::PacketRing, 27000, 27099, 60, "127.0.0.1"));
+}
+
+fn flows_both_ways(mut c: Call) {
     assert_eq!(c.to_a % 2, 0);
     assert_eq!(c.to_b % 2, 0);
     for seq in 0..50 {
@@ -198,7 +229,13 @@ fn rtp_and_rtcp_flow_both_ways_with_payloads_intact() {
         c.b_to_a(&back);
     }
     send(&c.a.rtcp, c.ip, c.to_a + 1, b"rtcp from a");
-    assert_eq!(receive(&c.b.rtcp), b"rtcp from a");
+    let (got, from) = receive_from(&c.b.rtcp);
+    assert_eq!(got, b"rtcp from a");
+    assert_eq!(
+        from,
+        SocketAddr::new(c.ip, c.to_b + 1),
+        "RTCP from the odd port"
+    );
     send(&c.b.rtcp, c.ip, c.to_b + 1, b"rtcp from b");
     assert_eq!(receive(&c.a.rtcp), b"rtcp from b");
 
@@ -214,7 +251,15 @@ fn rtp_and_rtcp_flow_both_ways_with_payloads_intact() {
 
 #[test]
 fn a_re_offer_moving_the_far_end_keeps_ports_and_follows_it() {
-    let mut c = call(25100, 25199, 60, "127.0.0.1");
+    follows_a_move(call(25100, 25199, 60, "127.0.0.1"));
+}
+
+#[test]
+fn the_packet_ring_follows_a_far_end_that_moves() {
+    follows_a_move(call_on(RelayIo::PacketRing, 27100, 27199, 60, "127.0.0.1"));
+}
+
+fn follows_a_move(mut c: Call) {
     c.b_to_a(b"latch b");
 
     let moved = phone(c.ip);
@@ -249,7 +294,15 @@ fn a_re_offer_moving_the_far_end_keeps_ports_and_follows_it() {
 
 #[test]
 fn packets_from_a_stranger_after_latching_are_dropped() {
-    let mut c = call(25200, 25299, 60, "127.0.0.1");
+    drops_a_stranger(call(25200, 25299, 60, "127.0.0.1"));
+}
+
+#[test]
+fn the_packet_ring_drops_a_stranger_after_latching() {
+    drops_a_stranger(call_on(RelayIo::PacketRing, 27200, 27299, 60, "127.0.0.1"));
+}
+
+fn drops_a_stranger(mut c: Call) {
     let stranger = phone(c.ip);
     c.a_to_b(b"first");
     send(&stranger.rtp, c.ip, c.to_a, b"injected");
@@ -321,7 +374,15 @@ fn offers_without_an_allowed_codec_are_refused() {
 
 #[test]
 fn ipv6_phones_are_relayed() {
-    let mut c = call(25600, 25699, 60, "::1");
+    relays_ipv6(call(25600, 25699, 60, "::1"));
+}
+
+#[test]
+fn the_packet_ring_relays_ipv6_phones() {
+    relays_ipv6(call_on(RelayIo::PacketRing, 27600, 27699, 60, "::1"));
+}
+
+fn relays_ipv6(mut c: Call) {
     assert!(String::from_utf8_lossy(&c.offer).contains("c=IN IP6 ::1\r\n"));
     c.a_to_b(b"over ipv6");
     c.b_to_a(b"and back");
@@ -330,12 +391,52 @@ fn ipv6_phones_are_relayed() {
 
 #[test]
 fn unreadable_packets_and_unknown_sessions_do_not_disturb_the_relay() {
-    let mut c = call(25700, 25799, 60, "127.0.0.1");
+    goes_on_after_unreadable_packets(call(25700, 25799, 60, "127.0.0.1"));
+}
+
+#[test]
+fn the_packet_ring_goes_on_after_unreadable_packets() {
+    goes_on_after_unreadable_packets(call_on(RelayIo::PacketRing, 27700, 27799, 60, "127.0.0.1"));
+}
+
+/// A dual-stack relay (advertised IPv6) between an IPv4 phone and an IPv6
+/// one: IPv4 packets reach its sockets as IPv4-mapped addresses.
+#[test]
+fn a_dual_stack_relay_carries_an_ipv4_phone_to_an_ipv6_one() {
+    relays_between_families(RelayIo::Auto, 27800, 27899);
+}
+
+#[test]
+fn the_packet_ring_carries_an_ipv4_phone_to_an_ipv6_one() {
+    relays_between_families(RelayIo::PacketRing, 27900, 27999);
+}
+
+fn relays_between_families(relay_io: RelayIo, start: u16, end: u16) {
+    let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let pbx = pbx_on(relay_io, start, end, 60, "::1");
+    let mut c = call_between(pbx, phone(v4), phone(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+    send(&c.a.rtp, v4, c.to_a, b"from ipv4");
+    let (got, from) = receive_from(&c.b.rtp);
+    assert_eq!(
+        (got.as_slice(), from),
+        (&b"from ipv4"[..], SocketAddr::new(c.ip, c.to_b))
+    );
+    send(&c.b.rtp, c.ip, c.to_b, b"from ipv6");
+    let (got, from) = receive_from(&c.a.rtp);
+    assert_eq!(
+        (got.as_slice(), from),
+        (&b"from ipv6"[..], SocketAddr::new(v4, c.to_a))
+    );
+    c.pbx.media.close(c.id);
+}
+
+fn goes_on_after_unreadable_packets(mut c: Call) {
     c.a_to_b(b"");
     let big = vec![7u8; 9000];
     c.a_to_b(&big);
-    // Beyond a jumbo frame: the io_uring relay drops it (counted), the
-    // epoll relay forwards it; either way the next packet goes through.
+    // Beyond a jumbo frame: the io_uring relay and the packet ring drop
+    // it (counted), the epoll relay forwards it; either way the next
+    // packet goes through.
     let huge = vec![9u8; 20_000];
     send(&c.a.rtp, c.ip, c.to_a, &huge);
     send(&c.a.rtp, c.ip, c.to_a, b"after");

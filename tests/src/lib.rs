@@ -965,6 +965,24 @@ pub fn without_io_uring(command: &mut Command) {
     }
 }
 
+/// Starts `command`'s process without CAP_NET_RAW, as a pod whose
+/// securityContext drops it (or every capability) does.
+pub fn without_net_raw(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    const CAP_NET_RAW: libc::c_ulong = 13;
+    // SAFETY: the closure runs in the child between fork and exec and makes
+    // one prctl call. A capability out of the bounding set is not granted
+    // at exec, not even to root.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_RAW, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Starts `command`'s process with the open-file limits `soft` and `hard`,
 /// as a host or container runtime may.
 pub fn open_file_limit(soft: u64, hard: u64) -> impl FnOnce(&mut Command) {

@@ -10,7 +10,7 @@ use sip_pbx_e2e::media::{
 use sip_pbx_e2e::{
     audio_sdp, caller_request, header, invite, io_uring_available, open_file_limit, prack,
     reliable_response_to, response_to, sdp_audio_target, sdp_port, sdp_session, sdp_version,
-    status_code, wait_until, without_io_uring, Pbx, SipClient,
+    status_code, wait_until, without_io_uring, without_net_raw, Pbx, SipClient,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -66,6 +66,32 @@ fn the_epoll_relay_carries_rtp_and_rtcp_and_drops_strangers() {
     let pbx = Pbx::start(callee.addr().port(), &bypass("  relay_io: epoll\n"));
     assert_eq!(relay_backend(&pbx), "epoll");
     relay_carries_rtp_and_rtcp_but_not_strangers(&pbx, &callee);
+}
+
+#[test]
+fn the_packet_ring_relay_carries_rtp_and_rtcp_and_drops_strangers() {
+    let callee = SipClient::new();
+    let pbx = Pbx::start(callee.addr().port(), &bypass("  relay_io: packet_ring\n"));
+    assert_eq!(relay_backend(&pbx), "packet_ring");
+    relay_carries_rtp_and_rtcp_but_not_strangers(&pbx, &callee);
+}
+
+/// Without CAP_NET_RAW (a pod's securityContext may drop it), a PBX told
+/// to relay through the packet ring says so and does not start.
+#[test]
+fn without_cap_net_raw_the_packet_ring_refuses_to_start() {
+    let (status, log) = Pbx::refused(
+        sip_pbx_e2e::free_port(),
+        &bypass("  relay_io: packet_ring\n"),
+        without_net_raw,
+    );
+    assert!(!status.success(), "{status}: {log}");
+    assert!(
+        log.contains(
+            "media.relay_io is packet_ring, but the packet ring cannot open (it needs CAP_NET_RAW)"
+        ),
+        "{log}"
+    );
 }
 
 /// Under the seccomp profile of a pod's RuntimeDefault, io_uring is
@@ -135,6 +161,11 @@ fn hold_by_reinvite_keeps_direction_and_follows_the_new_port() {
 #[test]
 fn the_epoll_relay_follows_a_hold_to_a_new_port() {
     hold_and_move(&bypass("  relay_io: epoll\n"));
+}
+
+#[test]
+fn the_packet_ring_relay_follows_a_hold_to_a_new_port() {
+    hold_and_move(&bypass("  relay_io: packet_ring\n"));
 }
 
 /// The caller holds the call from a new port: the relay forgets the

@@ -18,6 +18,7 @@ pub struct PortPool {
     /// packets of the old call).
     free: Mutex<VecDeque<u16>>,
     capacity: usize,
+    range: PortRange,
     status: Arc<PbxStatus>,
 }
 
@@ -34,6 +35,7 @@ impl PortPool {
         Self {
             free: Mutex::new(free),
             capacity,
+            range,
             status,
         }
     }
@@ -41,6 +43,11 @@ impl PortPool {
     /// Pairs the pool holds in all.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// The ports of `media.port_pool`, RTCP's included.
+    pub fn range(&self) -> PortRange {
+        self.range
     }
 
     /// Pairs free now.
