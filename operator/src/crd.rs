@@ -501,6 +501,21 @@ pub struct MediaConfig {
     /// Codecs offered, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub codecs: Option<Vec<String>>,
+    /// How the relay threads wait for packets, spelled as in the PBX's
+    /// config: packet_ring (the least CPU per packet) gives the pod
+    /// CAP_NET_RAW.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_io: Option<RelayIo>,
+}
+
+/// The relay's way of waiting for packets (the PBX's `media.relay_io`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayIo {
+    Auto,
+    IoUring,
+    Epoll,
+    PacketRing,
 }
 
 /// Media mode.

@@ -7,10 +7,11 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler,
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler,
     ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodAffinityTerm, PodSpec,
-    PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
+    PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -21,7 +22,7 @@ use super::config::{
     ADMIN_DIR, CDR_DIR, CONFIG_DIR, CONFIG_FILE, SPOOL_DIR, USERS_DIR, USERS_FILE,
 };
 use super::{meta, selector_labels, Names, HTTP_PORT_NAME};
-use crate::crd::{NetworkMode, SipPbx};
+use crate::crd::{NetworkMode, RelayIo, SipPbx};
 
 /// Pod annotation holding the hash of everything mounted into the pod.
 pub const CONFIG_HASH_ANNOTATION: &str = "sip.pbx.dev/config-hash";
@@ -144,6 +145,15 @@ pub fn deployment(pbx: &SipPbx, replicas: i32, config: &str) -> Deployment {
         env: Some(env),
         volume_mounts: Some(mounts),
         resources: spec.resources.clone(),
+        security_context: (cfg.media.relay_io == Some(RelayIo::PacketRing)).then(|| {
+            SecurityContext {
+                capabilities: Some(Capabilities {
+                    add: Some(vec!["NET_RAW".into()]),
+                    drop: None,
+                }),
+                ..SecurityContext::default()
+            }
+        }),
         liveness_probe: Some(http_probe("/health", 3)),
         readiness_probe: Some(http_probe("/ready", 1)),
         lifecycle: Some(Lifecycle {
