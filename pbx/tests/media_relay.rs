@@ -399,6 +399,63 @@ fn the_packet_ring_goes_on_after_unreadable_packets() {
     goes_on_after_unreadable_packets(call_on(RelayIo::PacketRing, 27700, 27799, 60, "127.0.0.1"));
 }
 
+/// Sends, on the loopback device, a UDP packet from 127.0.0.1:`from` to
+/// 192.0.2.99:`port`: a packet that passes through this host on its way to
+/// another, as a pod's do through a node.
+fn pass_through(from: u16, port: u16, payload: &[u8]) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let udp_len = u16::try_from(8 + payload.len()).expect("small");
+    let mut packet = vec![0x45, 0];
+    packet.extend_from_slice(&(20 + udp_len).to_be_bytes());
+    packet.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0, 127, 0, 0, 1, 192, 0, 2, 99]);
+    packet.extend_from_slice(&from.to_be_bytes());
+    packet.extend_from_slice(&port.to_be_bytes());
+    packet.extend_from_slice(&udp_len.to_be_bytes());
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(payload);
+    let ip = (libc::ETH_P_IP as u16).to_be();
+    // SAFETY: plain socket and sendto calls on memory this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(ip));
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let socket = OwnedFd::from_raw_fd(fd);
+        let mut to: libc::sockaddr_ll = std::mem::zeroed();
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = ip;
+        to.sll_ifindex = i32::try_from(libc::if_nametoindex(c"lo".as_ptr())).expect("lo");
+        to.sll_halen = 6;
+        let sent = libc::sendto(
+            socket.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        assert_eq!(
+            sent,
+            packet.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The ring sees packets that pass through the host to the same port
+/// number elsewhere: they are neither relayed nor latched onto.
+#[test]
+fn the_packet_ring_leaves_packets_for_another_host_alone() {
+    let mut c = call_on(RelayIo::PacketRing, 28000, 28099, 60, "127.0.0.1");
+    pass_through(40999, c.to_a, b"for another host");
+    c.a_to_b(b"the phone's own");
+    assert_eq!(c.counters_once(|n| n.a_to_b_packets == 1).dropped, 0);
+    c.pbx.media.close(c.id);
+}
+
 /// A dual-stack relay (advertised IPv6) between an IPv4 phone and an IPv6
 /// one: IPv4 packets reach its sockets as IPv4-mapped addresses.
 #[test]

@@ -8,7 +8,8 @@
 //! filter drops whatever reaches them, so their queues stay empty.
 //!
 //! Why it is opt-in: the ring takes packets at the interface, before the
-//! host firewall's INPUT rules; it drops fragmented datagrams and those
+//! host firewall's INPUT rules (those to an address that is not the host's
+//! are left alone); it drops fragmented datagrams and those
 //! larger than a FRAME; IPv4 packets leave without a UDP checksum, which
 //! RFC 768 allows; and one thread carries every call.
 
@@ -38,34 +39,39 @@ const UDP_HEADER: usize = 8;
 #[derive(Debug, PartialEq, Eq)]
 struct Datagram<'a> {
     source: SocketAddr,
+    destination: IpAddr,
     port: u16,
     payload: Option<&'a [u8]>,
 }
 
 /// Reads the UDP datagram in an IP packet; `None` for anything else.
 fn datagram(packet: &[u8]) -> Option<Datagram<'_>> {
-    let (source, header, total) = match packet.first()? >> 4 {
+    let (source, destination, header, total) = match packet.first()? >> 4 {
         4 => {
             let header = usize::from(packet.first()? & 0x0f) * 4;
             let source: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+            let destination: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
             let total = u16::from_be_bytes(packet.get(2..4)?.try_into().ok()?);
             if *packet.get(9)? != 17 || header < IPV4_HEADER {
                 return None;
             }
             (
                 IpAddr::V4(Ipv4Addr::from(source)),
+                IpAddr::V4(Ipv4Addr::from(destination)),
                 header,
                 usize::from(total),
             )
         }
         6 => {
             let source: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
+            let destination: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
             let payload = u16::from_be_bytes(packet.get(4..6)?.try_into().ok()?);
             if *packet.get(6)? != 17 {
                 return None;
             }
             (
                 IpAddr::V6(Ipv6Addr::from(source)),
+                IpAddr::V6(Ipv6Addr::from(destination)),
                 40,
                 40 + usize::from(payload),
             )
@@ -78,6 +84,7 @@ fn datagram(packet: &[u8]) -> Option<Datagram<'_>> {
     let length = usize::from(u16::from_be_bytes(udp.get(4..6)?.try_into().ok()?));
     Some(Datagram {
         source: SocketAddr::new(source, source_port),
+        destination,
         port,
         payload: packet
             .get(header..total)
@@ -554,7 +561,26 @@ pub(super) struct Tap {
     ipv4: Outbox,
     ipv6: Option<Outbox>,
     ports: HashMap<u16, Watched>,
+    /// This host's addresses. The ring also sees packets that only pass
+    /// through the host (another pod's, on a node's network), which may
+    /// be for the same port number elsewhere.
+    local: Vec<IpAddr>,
+    local_read: Instant,
     wake: RawFd,
+}
+
+/// How often the host's addresses are read again (a pod or node may gain
+/// one).
+const LOCAL_EVERY: Duration = Duration::from_secs(1);
+
+fn host_addresses() -> Vec<IpAddr> {
+    match if_addrs::get_if_addrs() {
+        Ok(interfaces) => interfaces.iter().map(if_addrs::Interface::ip).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "media relay cannot read the host's addresses");
+            Vec::new()
+        }
+    }
 }
 
 impl Tap {
@@ -567,8 +593,22 @@ impl Tap {
             // A host without IPv6 has no IPv6 peers either.
             ipv6: Outbox::ipv6().ok(),
             ports: HashMap::new(),
+            local: host_addresses(),
+            local_read: Instant::now(),
             wake,
         })
+    }
+
+    /// Reads the host's addresses again when LOCAL_EVERY has passed.
+    fn refresh(&mut self, now: Instant) {
+        if now.duration_since(self.local_read) >= LOCAL_EVERY {
+            self.local = host_addresses();
+            self.local_read = now;
+        }
+    }
+
+    fn is_local(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.local.contains(&ip)
     }
 
     /// Waits until the ring or the thread's eventfd is readable, at most
@@ -647,6 +687,9 @@ impl Tap {
     ) -> Option<Outgoing> {
         let datagram = datagram(packet)?;
         let watched = self.ports.get(&datagram.port)?;
+        if !self.is_local(datagram.destination) {
+            return None;
+        }
         let Some(payload) = datagram.payload.filter(|_| whole) else {
             thread.failed(watched.token);
             return None;
@@ -717,6 +760,7 @@ pub(super) fn run(mut thread: Thread, mut tap: Tap) {
                 break;
             }
         }
+        tap.refresh(now);
         let relayed = tap.relay(&mut thread, now);
         // Packets arriving during the pause wait in the ring.
         if let Some(rest) = thread.pause(relayed > 0, now) {
@@ -757,6 +801,7 @@ mod tests {
             datagram(&v4),
             Some(Datagram {
                 source: "192.0.2.7:40000".parse().expect("literal"),
+                destination: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
                 port: 20002,
                 payload: Some(&b"rtp"[..]),
             })
@@ -768,6 +813,7 @@ mod tests {
         v6.extend_from_slice(&body);
         let read = datagram(&v6).expect("IPv6 UDP");
         assert_eq!(read.source, "[2001:db8::9]:40002".parse().expect("literal"));
+        assert_eq!(read.destination, IpAddr::V6(Ipv6Addr::LOCALHOST));
         assert_eq!((read.port, read.payload), (20004, Some(&b"rtcp"[..])));
     }
 
