@@ -470,6 +470,44 @@ async fn objects_follow_edits_and_kubectl_scale() {
     })
     .await;
 
+    // The packet ring relay: in the config, and CAP_NET_RAW for the pod.
+    // A value the PBX does not know is refused by the API server.
+    patch_spec(
+        &t.pbxes,
+        "pbx",
+        json!({"config": {"media": {"relayIo": "packet_ring"}}}),
+    )
+    .await;
+    let capabilities = eventually("NET_RAW capability", WAIT, || async {
+        let d = t.deploy.get("pbx").await.ok()?;
+        let pod = d.spec?.template.spec?;
+        pod.containers
+            .first()?
+            .security_context
+            .clone()?
+            .capabilities
+    })
+    .await;
+    assert_eq!(capabilities.add, Some(vec!["NET_RAW".to_string()]));
+    let cm = Api::<ConfigMap>::namespaced(t.client.clone(), ns)
+        .get("pbx-config")
+        .await
+        .expect("ConfigMap");
+    let config = cm
+        .data
+        .and_then(|d| d.get("config.yaml").cloned())
+        .unwrap_or_default();
+    assert!(config.contains("relay_io: packet_ring"), "{config}");
+    let refused = t
+        .pbxes
+        .patch(
+            "pbx",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"config": {"media": {"relayIo": "packetring"}}}})),
+        )
+        .await;
+    assert!(refused.is_err(), "an unknown relayIo was accepted");
+
     // spec.replicas, then the scale subresource (what `kubectl scale sippbx` calls).
     patch_spec(&t.pbxes, "pbx", json!({"replicas": 3})).await;
     wait_replicas(&t.deploy, "pbx", 3).await;
