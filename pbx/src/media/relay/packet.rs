@@ -92,30 +92,13 @@ fn datagram(packet: &[u8]) -> Option<Datagram<'_>> {
     })
 }
 
-fn filter(program: &mut [libc::sock_filter]) -> libc::sock_fprog {
-    libc::sock_fprog {
+fn attach(socket: RawFd, program: &mut [libc::sock_filter]) -> io::Result<()> {
+    let program = libc::sock_fprog {
         len: u16::try_from(program.len()).unwrap_or(u16::MAX),
         filter: program.as_mut_ptr(),
-    }
-}
-
-fn attach(socket: RawFd, program: &mut [libc::sock_filter]) -> io::Result<()> {
-    let program = filter(program);
-    // SAFETY: the program and its instructions outlive the call; the
-    // kernel copies them.
-    let done = unsafe {
-        libc::setsockopt(
-            socket,
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&program as *const libc::sock_fprog).cast(),
-            size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
     };
-    if done < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // The kernel copies the instructions, which outlive the call.
+    set_option(socket, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &program)
 }
 
 fn instruction(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
@@ -174,7 +157,7 @@ fn pool_filter(first: u16, last: u16) -> Vec<libc::sock_filter> {
         instruction(BPF_JMP | BPF_JGE | BPF_K, 0, 2, u32::from(first)),
         instruction(BPF_JMP | BPF_JGT | BPF_K, 1, 0, u32::from(last)),
         instruction(BPF_RET | BPF_K, 0, 0, u32::MAX),
-        // 18
+        // 18: not for the relay
         instruction(BPF_RET | BPF_K, 0, 0, 0),
     ]
 }
@@ -294,11 +277,12 @@ impl Ring {
         Ok(ring)
     }
 
-    /// The header of frame `index`; frames do not straddle blocks.
+    /// The header of frame `index` (modulo the ring's frames); frames do
+    /// not straddle blocks.
     fn header(&self, index: usize) -> *mut libc::tpacket2_hdr {
-        let per_block = BLOCK / FRAME;
+        let (index, per_block) = (index % self.frames, BLOCK / FRAME);
         let offset = (index / per_block) * BLOCK + (index % per_block) * FRAME;
-        // SAFETY: index < frames, so the offset lies inside the mapping.
+        // SAFETY: index < frames, so the frame lies inside the mapping.
         unsafe { self.map.as_ptr().add(offset).cast() }
     }
 
