@@ -13,7 +13,6 @@
 //! larger than a FRAME; IPv4 packets leave without a UDP checksum, which
 //! RFC 768 allows; and one thread carries every call.
 
-use std::collections::HashMap;
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -346,6 +345,8 @@ struct Outgoing {
 /// buffers `sendmmsg` reads them from.
 struct Outbox {
     socket: OwnedFd,
+    /// The last IPv4 identification written.
+    id: u16,
     packets: Vec<Outgoing>,
     headers: Vec<[u8; IPV4_HEADER + UDP_HEADER]>,
     names: Vec<libc::sockaddr_in6>,
@@ -384,6 +385,7 @@ impl Outbox {
             unsafe { (std::mem::zeroed(), std::mem::zeroed(), std::mem::zeroed()) };
         Ok(Self {
             socket,
+            id: rand::random(),
             packets: Vec::with_capacity(BATCH),
             headers: vec![[0; IPV4_HEADER + UDP_HEADER]; BATCH],
             names: vec![name; BATCH],
@@ -409,7 +411,9 @@ impl Outbox {
             ) else {
                 continue;
             };
-            let (ip, name_len) = address(packet.destination, header, packet.len, name);
+            // Never 0, which would have the kernel choose.
+            self.id = self.id.checked_add(1).unwrap_or(1);
+            let (ip, name_len) = address(packet.destination, header, packet.len, self.id, name);
             udp_header(
                 header.get_mut(ip..).unwrap_or_default(),
                 packet.source_port,
@@ -476,18 +480,23 @@ fn address(
     destination: SocketAddr,
     header: &mut [u8; IPV4_HEADER + UDP_HEADER],
     len: usize,
+    id: u16,
     name: &mut libc::sockaddr_in6,
 ) -> (usize, libc::socklen_t) {
     match destination {
         SocketAddr::V4(v4) => {
             let total = u16::try_from(IPV4_HEADER + UDP_HEADER + len).unwrap_or(u16::MAX);
             let [t0, t1] = total.to_be_bytes();
+            let [i0, i1] = id.to_be_bytes();
             let [d0, d1, d2, d3] = v4.ip().octets();
-            // Version 4, 20-byte header, length, no fragment flags, TTL 64,
-            // UDP; identification, checksum and source left to the kernel.
+            // Version 4, 20-byte header, length, identification, don't
+            // fragment (as UDP sockets send by default), TTL 64, UDP;
+            // checksum and source left to the kernel. An identification of
+            // its own spares the kernel choosing one, which an unfragmented
+            // datagram does not need (RFC 6864).
             *header = [
-                0x45, 0, t0, t1, 0, 0, 0, 0, 64, 17, 0, 0, 0, 0, 0, 0, d0, d1, d2, d3, 0, 0, 0, 0,
-                0, 0, 0, 0,
+                0x45, 0, t0, t1, i0, i1, 0x40, 0, 64, 17, 0, 0, 0, 0, 0, 0, d0, d1, d2, d3, 0, 0,
+                0, 0, 0, 0, 0, 0,
             ];
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
@@ -544,7 +553,9 @@ pub(super) struct Tap {
     ring: Ring,
     ipv4: Outbox,
     ipv6: Option<Outbox>,
-    ports: HashMap<u16, Watched>,
+    /// The watched sockets, by port from `first` on.
+    ports: Vec<Option<Watched>>,
+    first: u16,
     /// This host's addresses. The ring also sees packets that only pass
     /// through the host (another pod's, on a node's network), which may
     /// be for the same port number elsewhere.
@@ -576,7 +587,8 @@ impl Tap {
             ipv4: Outbox::ipv4()?,
             // A host without IPv6 has no IPv6 peers either.
             ipv6: Outbox::ipv6().ok(),
-            ports: HashMap::new(),
+            ports: vec![None; usize::from(last.saturating_sub(first)) + 1],
+            first,
             local: host_addresses(),
             local_read: Instant::now(),
             wake,
@@ -589,6 +601,15 @@ impl Tap {
             self.local = host_addresses();
             self.local_read = now;
         }
+    }
+
+    fn slot(&mut self, port: u16) -> Option<&mut Option<Watched>> {
+        self.ports
+            .get_mut(usize::from(port.checked_sub(self.first)?))
+    }
+
+    fn watched(&self, port: u16) -> Option<Watched> {
+        *self.ports.get(usize::from(port.checked_sub(self.first)?))?
     }
 
     fn is_local(&self, ip: IpAddr) -> bool {
@@ -670,7 +691,7 @@ impl Tap {
         now: Instant,
     ) -> Option<Outgoing> {
         let datagram = datagram(packet)?;
-        let watched = self.ports.get(&datagram.port)?;
+        let watched = self.watched(datagram.port)?;
         if !self.is_local(datagram.destination) {
             return None;
         }
@@ -712,44 +733,51 @@ impl Watch for Tap {
         if let Err(e) = drop_everything(socket) {
             tracing::warn!(error = %e, "media relay: a socket keeps its own queue");
         }
-        self.ports.insert(
-            local.port(),
-            Watched {
-                token,
-                dual_stack: local.is_ipv6(),
-            },
-        );
+        let watched = Watched {
+            token,
+            dual_stack: local.is_ipv6(),
+        };
+        match self.slot(local.port()) {
+            Some(slot) => *slot = Some(watched),
+            None => tracing::error!(
+                port = local.port(),
+                "media relay: a socket outside the pool"
+            ),
+        }
         Hold::default()
     }
 
     fn unwatch(&mut self, socket: RawFd, token: Token, _hold: Hold) {
-        let Some(port) = local(socket).map(|a| a.port()) else {
-            return;
-        };
-        if self.ports.get(&port).is_some_and(|w| w.token == token) {
-            self.ports.remove(&port);
+        let slot = local(socket).and_then(|a| self.slot(a.port()));
+        if let Some(slot) = slot.filter(|s| s.is_some_and(|w| w.token == token)) {
+            *slot = None;
         }
     }
 }
 
 pub(super) fn run(mut thread: Thread, mut tap: Tap) {
+    let mut paused = false;
     loop {
-        let woken = tap.wait(SWEEP_EVERY);
+        // After a pause the ring holds the tick's packets, and commands
+        // are read from their queue: no need to ask poll. The eventfd is
+        // drained at the next wait.
+        if !paused && tap.wait(SWEEP_EVERY) {
+            drain_eventfd(tap.wake);
+        }
         let now = Instant::now();
         // Commands first, so that a packet arriving with the SDP that
         // tells where it goes is not dropped.
-        if woken {
-            drain_eventfd(tap.wake);
-            if !thread.commands(&mut tap) {
-                break;
-            }
+        if !thread.commands(&mut tap) {
+            break;
         }
         tap.refresh(now);
         let relayed = tap.relay(&mut thread, now);
         // Packets arriving during the pause wait in the ring.
-        if let Some(rest) = thread.pause(relayed > 0, now) {
+        let pause = thread.pause(relayed > 0, now);
+        if let Some(rest) = pause {
             std::thread::sleep(rest);
         }
+        paused = pause.is_some();
         if !thread.end_round(relayed, now, &mut tap) {
             break;
         }
@@ -824,22 +852,18 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_headers_leave_source_identification_and_checksum_to_the_kernel() {
+    fn ipv4_headers_leave_source_and_checksum_to_the_kernel() {
         let mut header = [0xffu8; IPV4_HEADER + UDP_HEADER];
         // SAFETY: an all-zero sockaddr_in6 is valid.
         let mut name: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
         let to = "198.51.100.4:5004".parse().expect("literal");
-        let (ip, len) = address(to, &mut header, 160, &mut name);
+        let (ip, len) = address(to, &mut header, 160, 0x1234, &mut name);
         assert_eq!(
             (ip, len as usize),
             (IPV4_HEADER, size_of::<libc::sockaddr_in>())
         );
         assert_eq!(header[..4], [0x45, 0, 0, 188], "version, length 20+8+160");
-        assert_eq!(
-            header[4..8],
-            [0; 4],
-            "identification chosen by the kernel, may fragment"
-        );
+        assert_eq!(header[4..8], [0x12, 0x34, 0x40, 0], "identification, DF");
         assert_eq!(header[8..10], [64, 17], "TTL and UDP");
         assert_eq!(
             header[10..16],
@@ -848,7 +872,7 @@ mod tests {
         );
         assert_eq!(header[16..20], [198, 51, 100, 4]);
         let v6 = "[2001:db8::4%3]:5004".parse().expect("literal");
-        let (ip, len) = address(v6, &mut header, 160, &mut name);
+        let (ip, len) = address(v6, &mut header, 160, 1, &mut name);
         assert_eq!((ip, len as usize), (0, size_of::<libc::sockaddr_in6>()));
         assert_eq!((name.sin6_port, name.sin6_scope_id), (0, 3));
     }
