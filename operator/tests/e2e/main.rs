@@ -373,6 +373,17 @@ async fn apply_makes_every_object_and_ready_pods_make_it_ready() {
     );
 }
 
+/// The PBX config file in ConfigMap `name`.
+async fn config_yaml(client: &Client, ns: &str, name: &str) -> String {
+    Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .expect("ConfigMap")
+        .data
+        .and_then(|d| d.get("config.yaml").cloned())
+        .unwrap_or_default()
+}
+
 async fn patch_spec(api: &Api<SipPbx>, name: &str, spec: serde_json::Value) {
     api.patch(
         name,
@@ -425,14 +436,7 @@ async fn objects_follow_edits_and_kubectl_scale() {
         (config_hash(&d)? != hash).then_some(())
     })
     .await;
-    let cm = Api::<ConfigMap>::namespaced(t.client.clone(), ns)
-        .get("pbx-config")
-        .await
-        .expect("ConfigMap");
-    let config = cm
-        .data
-        .and_then(|d| d.get("config.yaml").cloned())
-        .unwrap_or_default();
+    let config = config_yaml(&t.client, ns, "pbx-config").await;
     assert!(config.contains("max_concurrent_calls: 20"), "{config}");
     eventually("ConfigChanged event", WAIT, || async {
         events(&t.client, ns)
@@ -489,14 +493,7 @@ async fn objects_follow_edits_and_kubectl_scale() {
     })
     .await;
     assert_eq!(capabilities.add, Some(vec!["NET_RAW".to_string()]));
-    let cm = Api::<ConfigMap>::namespaced(t.client.clone(), ns)
-        .get("pbx-config")
-        .await
-        .expect("ConfigMap");
-    let config = cm
-        .data
-        .and_then(|d| d.get("config.yaml").cloned())
-        .unwrap_or_default();
+    let config = config_yaml(&t.client, ns, "pbx-config").await;
     assert!(config.contains("relay_io: packet_ring"), "{config}");
     let refused = t
         .pbxes
