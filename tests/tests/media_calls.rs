@@ -1056,12 +1056,15 @@ fn silent_call_ends_at_rtp_timeout_with_bye_on_both_legs() {
         "media:\n  mode: bypass\n  port_pool: {start: 33000, end: 33999}\n  rtp_timeout: 1\n",
     );
     let call = establish(&pbx, &callee, "0", "silent-1").expect("answered");
+    let timed_out = Some("Q.850;cause=102;text=\"RTP timeout\"");
     let bye_b = call.callee.expect_request("BYE");
+    assert_eq!(header(&bye_b, "Reason"), timed_out, "{bye_b}");
     call.callee.send(
         &response_to(&bye_b, "200 OK", call.callee.addr(), None),
         call.pbx,
     );
     let bye_a = call.caller.expect_request("BYE");
+    assert_eq!(header(&bye_a, "Reason"), timed_out, "{bye_a}");
     call.caller.send(
         &response_to(&bye_a, "200 OK", call.caller.addr(), None),
         call.pbx,

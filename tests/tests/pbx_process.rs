@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
+use sip_pbx_e2e::media::establish;
 use sip_pbx_e2e::{
     free_port, header, invite, open_file_limit, options, options_over_tcp, pbx_binary, response_to,
     root, wait_until, Pbx, SipClient,
@@ -137,12 +138,38 @@ fn a_2xx_never_acknowledged_ends_the_call_on_both_legs() {
     callee.expect_request("ACK");
     let bye = callee.expect_request("BYE");
     assert_eq!(header(&bye, "Call-ID"), header(&invite_b, "Call-ID"));
+    assert_eq!(
+        header(&bye, "Reason"),
+        Some("Q.850;cause=102;text=\"No ACK for the 2xx\""),
+        "{bye}"
+    );
     callee.send(&response_to(&bye, "200 OK", callee.addr(), None), to);
     wait_until(Duration::from_secs(10), "no calls left", || {
         pbx.active_calls() == 0
     });
     let records = pbx.wait_cdrs(1);
     assert_eq!(records[0]["end_reason"], "error");
+}
+
+/// At the drain deadline the PBX hangs up the calls left; its BYEs say
+/// why, so that neither phone nor carrier takes it for a user's hang-up.
+#[test]
+fn calls_left_at_the_drain_deadline_get_a_bye_that_says_why() {
+    let callee = SipClient::new();
+    let mut pbx = Pbx::start(callee.addr().port(), "drain:\n  timeout_seconds: 1\n");
+    let call = establish(&pbx, &callee, "0", "drain-reason-1").expect("answered");
+    pbx.signal("TERM");
+    for (leg, client) in [("callee", call.callee), ("caller", &call.caller)] {
+        let bye = client.expect_request("BYE");
+        assert_eq!(
+            header(&bye, "Reason"),
+            Some("Q.850;cause=41;text=\"The PBX is shutting down\""),
+            "{leg}: {bye}"
+        );
+        client.send(&response_to(&bye, "200 OK", client.addr(), None), call.pbx);
+    }
+    assert!(pbx.wait_exit(Duration::from_secs(10)).success());
+    assert_eq!(pbx.wait_cdrs(1)[0]["end_reason"], "drain");
 }
 
 /// CPU time the process `pid` has used so far.

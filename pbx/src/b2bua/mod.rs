@@ -1276,7 +1276,7 @@ impl B2bua {
             .find_map(|c| c.awaited_ack.filter(|a| a.server_tx == tx).map(|_| c.key));
         if let Some(key) = key {
             tracing::info!(call = key, "no ACK for 2xx: hanging up");
-            self.hang_up(key, None, EndReason::Error, None, txl, now);
+            self.hang_up(key, None, EndReason::Error, Some(NO_ACK), txl, now);
         }
     }
 
@@ -1453,7 +1453,7 @@ impl B2bua {
             if early {
                 self.fail_call(key, 503, txl, now);
             } else {
-                self.hang_up(key, None, reason, None, txl, now);
+                self.hang_up(key, None, reason, own_reason(reason), txl, now);
             }
         }
     }
@@ -1472,10 +1472,27 @@ impl B2bua {
             .find(|c| c.media == session && c.outcome.is_none() && c.answered.is_some())
             .map(|c| c.key);
         if let Some(key) = key {
-            self.hang_up(key, None, EndReason::RtpTimeout, None, txl, now);
+            let reason = EndReason::RtpTimeout;
+            self.hang_up(key, None, reason, own_reason(reason), txl, now);
         }
     }
 }
+
+/// The Reason (RFC 3326) of the BYEs of a hang-up the PBX decides on
+/// itself, so that the phones and the carrier can tell it from a user's.
+/// Q.850 cause 102, recovery on timer expiry, is what gateways give when a
+/// timer ended the call; 41, temporary failure, says it may be tried again.
+fn own_reason(reason: EndReason) -> Option<&'static str> {
+    match reason {
+        EndReason::RtpTimeout => Some("Q.850;cause=102;text=\"RTP timeout\""),
+        EndReason::Drain => Some("Q.850;cause=41;text=\"The PBX is shutting down\""),
+        EndReason::CallerBye | EndReason::CalleeBye | EndReason::Error => None,
+    }
+}
+
+/// The Reason of the BYEs that end a call whose 2xx was never acknowledged
+/// (RFC 3261 §13.3.1.4).
+const NO_ACK: &str = "Q.850;cause=102;text=\"No ACK for the 2xx\"";
 
 /// When to offer a leg its session again after `refusal`, if ever: a 491
 /// crossed a re-INVITE of the leg's own, and RFC 3261 §14.1 has the owner
