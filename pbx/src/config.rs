@@ -189,10 +189,10 @@ pub enum RelayIo {
     IoUring,
     /// epoll with a system call per packet each way.
     Epoll,
-    /// One AF_PACKET ring takes every stream's packets, and raw sockets
-    /// send them in batches: the least CPU per packet, on one thread. Needs
-    /// CAP_NET_RAW, and sees packets before the host firewall's INPUT
-    /// rules; fragmented datagrams are dropped.
+    /// Each relay thread takes the packets of its share of the pool from an
+    /// AF_PACKET ring, and raw sockets send them in batches: the least CPU
+    /// per packet. Needs CAP_NET_RAW, and sees packets before the host
+    /// firewall's INPUT rules; fragmented datagrams are dropped.
     PacketRing,
 }
 

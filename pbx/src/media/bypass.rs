@@ -254,8 +254,8 @@ impl RelayMedia {
         index: usize,
         counters: &Arc<Counters>,
     ) -> Result<StreamPorts, MediaError> {
-        let a = self.relay.bind_pair(&self.pool)?;
-        let b = match self.relay.bind_pair(&self.pool) {
+        let a = self.relay.bind_pair(&self.pool, session)?;
+        let b = match self.relay.bind_pair(&self.pool, session) {
             Ok(b) => b,
             Err(e) => {
                 let (port, sockets) = a;

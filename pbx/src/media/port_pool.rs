@@ -18,6 +18,7 @@ pub struct PortPool {
     /// packets of the old call).
     free: Mutex<VecDeque<u16>>,
     capacity: usize,
+    /// From the first even port to the last port.
     range: PortRange,
     status: Arc<PbxStatus>,
 }
@@ -35,7 +36,10 @@ impl PortPool {
         Self {
             free: Mutex::new(free),
             capacity,
-            range,
+            range: PortRange {
+                start: first,
+                end: range.end,
+            },
             status,
         }
     }
@@ -45,7 +49,8 @@ impl PortPool {
         self.capacity
     }
 
-    /// The ports of `media.port_pool`, RTCP's included.
+    /// The ports of the pool's pairs: from the first (even) RTP port to
+    /// the end of `media.port_pool`.
     pub fn range(&self) -> PortRange {
         self.range
     }
@@ -61,9 +66,20 @@ impl PortPool {
     /// The even port of a free pair, drawn at random from the half that has
     /// been free longest, so that the next call's ports cannot be guessed.
     pub fn allocate(&self) -> Option<u16> {
+        self.allocate_where(|_| true)
+    }
+
+    /// As [`PortPool::allocate`], of the pairs whose even port `fits`; from
+    /// the half free longest if it holds one.
+    pub fn allocate_where(&self, fits: impl Fn(u16) -> bool) -> Option<u16> {
         let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        let oldest = free.len().div_ceil(2);
-        let port = free.remove(rand::random_range(0..oldest.max(1)))?;
+        let oldest = free.len().div_ceil(2).max(1);
+        let from = rand::random_range(0..oldest);
+        let at = (0..oldest)
+            .map(|i| (from + i) % oldest)
+            .chain(oldest..free.len())
+            .find(|&i| free.get(i).is_some_and(|&port| fits(port)))?;
+        let port = free.remove(at)?;
         drop(free);
         self.status.ports_in_use.fetch_add(2, Ordering::Relaxed);
         Some(port)
@@ -105,6 +121,29 @@ mod tests {
         assert_eq!(status.ports_in_use.load(Ordering::Relaxed), 2);
         assert_eq!(pool.available(), 1);
         assert_eq!(pool.allocate(), Some(10002));
+    }
+
+    #[test]
+    fn pairs_that_fit_are_drawn_until_none_is_left() {
+        let (pool, _) = pool(20001, 20199);
+        assert_eq!(
+            pool.range(),
+            PortRange {
+                start: 20002,
+                end: 20199
+            }
+        );
+        let fourth = |port: u16| (port - 20002) / 2 % 4 == 1;
+        let got: Vec<u16> = std::iter::from_fn(|| pool.allocate_where(fourth)).collect();
+        assert_eq!(got.len(), 25, "99 pairs, every fourth from the second");
+        assert!(got.iter().all(|&p| fourth(p)), "{got:?}");
+        assert_eq!(pool.available(), 99 - 25);
+        pool.release(got[0]);
+        assert_eq!(
+            pool.allocate_where(fourth),
+            Some(got[0]),
+            "from the younger half when needed"
+        );
     }
 
     #[test]

@@ -189,6 +189,8 @@ enum Command {
 #[derive(Debug)]
 pub struct Relay {
     workers: Vec<Worker>,
+    /// Packet rings, one a thread, each take their share of the pool.
+    rings: bool,
     dual_stack: bool,
     packets: Arc<AtomicU64>,
     out_of_files: OutOfFilesReport,
@@ -216,13 +218,8 @@ impl Relay {
         let packets = Arc::new(AtomicU64::new(0));
         let mut workers = Vec::new();
         let mut backend = "epoll";
-        // One packet ring sees every packet of the pool: one thread.
-        let threads = if io == RelayIo::PacketRing {
-            1
-        } else {
-            threads
-        };
-        for n in 0..threads.max(1) {
+        let threads = threads.max(1);
+        for n in 0..threads {
             let (commands, queue) = mpsc::channel();
             let wake = Arc::new(eventfd()?);
             let (started, outcome) = mpsc::sync_channel(1);
@@ -243,7 +240,7 @@ impl Relay {
             };
             let handle = std::thread::Builder::new()
                 .name(format!("media-relay-{n}"))
-                .spawn(move || run(thread, io, started))?;
+                .spawn(move || run(thread, io, (n, threads), started))?;
             backend = outcome.recv().map_err(|_| {
                 io::Error::other("a media relay thread stopped before it started")
             })??;
@@ -256,6 +253,7 @@ impl Relay {
         tracing::info!(threads = workers.len(), backend, "media relay started");
         Ok(Self {
             workers,
+            rings: io == RelayIo::PacketRing,
             // An IPv4 node gets IPv4 sockets: IPv4 packets through a
             // dual-stack socket take the longer udpv6 paths of the kernel.
             dual_stack: advertised.is_ipv6()
@@ -270,12 +268,25 @@ impl Relay {
         self.packets.clone()
     }
 
-    /// Binds the sockets of one leg of a stream on a free pair of the pool;
+    /// Binds the sockets of one leg of a stream of `session` on a free pair
+    /// of the pool (of the session's thread's share, for packet rings);
     /// pairs some other program holds are skipped. Out of descriptors it
     /// stops at once, as every other pair would fail the same way.
-    pub fn bind_pair(&self, pool: &PortPool) -> Result<(u16, [UdpSocket; 2]), MediaError> {
+    pub fn bind_pair(
+        &self,
+        pool: &PortPool,
+        session: MediaSessionId,
+    ) -> Result<(u16, [UdpSocket; 2]), MediaError> {
+        let (first, thread, rings) = (
+            pool.range().start,
+            self.thread_of(session),
+            self.workers.len(),
+        );
+        let fits = |port| !self.rings || packet::ring_of(port, first, rings) == thread;
         for _ in 0..pool.capacity() {
-            let Some(port) = pool.allocate() else { break };
+            let Some(port) = pool.allocate_where(fits) else {
+                break;
+            };
             let pair = self.bind(port).and_then(|rtp| {
                 let rtcp = port.checked_add(1).ok_or(io::ErrorKind::AddrNotAvailable)?;
                 Ok([rtp, self.bind(rtcp)?])
@@ -466,12 +477,20 @@ fn drain_eventfd(fd: RawFd) {
 }
 
 /// Runs a relay thread on the backend `io` asks for, after telling
-/// `started` which one it got (or why it could not start).
-fn run(thread: Thread, io: RelayIo, started: mpsc::SyncSender<io::Result<&'static str>>) {
+/// `started` which one it got (or why it could not start). `(n, threads)`
+/// is the thread's place, which picks its share of the pool for a packet
+/// ring.
+fn run(
+    thread: Thread,
+    io: RelayIo,
+    (n, threads): (usize, usize),
+    started: mpsc::SyncSender<io::Result<&'static str>>,
+) {
     let ring = match io {
         RelayIo::PacketRing => {
             let range = thread.pool.range();
-            match packet::Tap::new(thread.wake.as_raw_fd(), range.start, range.end) {
+            let wake = thread.wake.as_raw_fd();
+            match packet::Tap::new(wake, range.start, range.end, n, threads) {
                 Ok(tap) => {
                     let _ = started.send(Ok("packet_ring"));
                     packet::run(thread, tap);

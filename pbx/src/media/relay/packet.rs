@@ -11,7 +11,9 @@
 //! host firewall's INPUT rules (those to an address that is not the host's
 //! are left alone); it drops fragmented datagrams and those
 //! larger than a FRAME; IPv4 packets leave without a UDP checksum, which
-//! RFC 768 allows; and one thread carries every call.
+//! RFC 768 allows. Each relay thread has a ring of its own, which takes the
+//! pairs of the pool dealt to it (`ring_of`); a call's ports are drawn
+//! from the pairs of the thread that carries it.
 
 use std::io;
 use std::mem::size_of;
@@ -109,14 +111,25 @@ fn instruction(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     }
 }
 
+/// Which relay thread's ring takes the packets of pool port `port`: pairs
+/// are dealt out in turn, so that each ring sees only its own streams.
+pub(super) fn ring_of(port: u16, first: u16, rings: usize) -> usize {
+    usize::from(port.saturating_sub(first) / 2) % rings.max(1)
+}
+
 /// Accepts, of the packets addressed to this host, unfragmented UDP over
-/// IPv4 or IPv6 (without extension headers) to a port in `first..=last`.
-fn pool_filter(first: u16, last: u16) -> Vec<libc::sock_filter> {
+/// IPv4 or IPv6 (without extension headers) to a port of the pool
+/// `first..=last` that belongs to ring `ring` of `rings` (see [`ring_of`]).
+fn pool_filter(first: u16, last: u16, ring: usize, rings: usize) -> Vec<libc::sock_filter> {
     use libc::{
-        BPF_ABS, BPF_B, BPF_H, BPF_IND, BPF_JA, BPF_JEQ, BPF_JGE, BPF_JGT, BPF_JMP, BPF_JSET,
-        BPF_K, BPF_LD, BPF_LDX, BPF_MSH, BPF_RET, BPF_W,
+        BPF_ABS, BPF_ALU, BPF_B, BPF_H, BPF_IND, BPF_JA, BPF_JEQ, BPF_JGE, BPF_JGT, BPF_JMP,
+        BPF_JSET, BPF_K, BPF_LD, BPF_LDX, BPF_MOD, BPF_MSH, BPF_RET, BPF_RSH, BPF_SUB, BPF_W,
     };
     let ancillary = |at: i32| (libc::SKF_AD_OFF + at) as u32;
+    let rings = u32::try_from(rings.max(1)).unwrap_or(1);
+    let ring = u32::try_from(ring).unwrap_or_default();
+    // Jump offsets count from the next instruction; DROP is the last.
+    const DROP: u8 = 22;
     vec![
         // 0: addressed to this host
         instruction(
@@ -128,7 +141,7 @@ fn pool_filter(first: u16, last: u16) -> Vec<libc::sock_filter> {
         instruction(
             BPF_JMP | BPF_JEQ | BPF_K,
             0,
-            16,
+            DROP - 2,
             u32::from(libc::PACKET_HOST),
         ),
         // 2: IPv4 or IPv6
@@ -138,25 +151,30 @@ fn pool_filter(first: u16, last: u16) -> Vec<libc::sock_filter> {
             0,
             ancillary(libc::SKF_AD_PROTOCOL),
         ),
-        instruction(BPF_JMP | BPF_JEQ | BPF_K, 0, 7, libc::ETH_P_IP as u32),
+        instruction(BPF_JMP | BPF_JEQ | BPF_K, 0, 11 - 4, libc::ETH_P_IP as u32),
         // 4: IPv4: UDP, neither a fragment nor followed by one
         instruction(BPF_LD | BPF_B | BPF_ABS, 0, 0, 9),
-        instruction(BPF_JMP | BPF_JEQ | BPF_K, 0, 12, 17),
+        instruction(BPF_JMP | BPF_JEQ | BPF_K, 0, DROP - 6, 17),
         instruction(BPF_LD | BPF_H | BPF_ABS, 0, 0, 6),
-        instruction(BPF_JMP | BPF_JSET | BPF_K, 10, 0, 0x3fff),
+        instruction(BPF_JMP | BPF_JSET | BPF_K, DROP - 8, 0, 0x3fff),
         instruction(BPF_LDX | BPF_B | BPF_MSH, 0, 0, 0),
         instruction(BPF_LD | BPF_H | BPF_IND, 0, 0, 2),
-        instruction(BPF_JMP | BPF_JA, 0, 0, 4),
+        instruction(BPF_JMP | BPF_JA, 0, 0, 15 - 11),
         // 11: IPv6: UDP right after the fixed header
-        instruction(BPF_JMP | BPF_JEQ | BPF_K, 0, 6, 0x86dd),
+        instruction(BPF_JMP | BPF_JEQ | BPF_K, 0, DROP - 12, 0x86dd),
         instruction(BPF_LD | BPF_B | BPF_ABS, 0, 0, 6),
-        instruction(BPF_JMP | BPF_JEQ | BPF_K, 0, 4, 17),
+        instruction(BPF_JMP | BPF_JEQ | BPF_K, 0, DROP - 14, 17),
         instruction(BPF_LD | BPF_H | BPF_ABS, 0, 0, 42),
         // 15: the destination port is the pool's
-        instruction(BPF_JMP | BPF_JGE | BPF_K, 0, 2, u32::from(first)),
-        instruction(BPF_JMP | BPF_JGT | BPF_K, 1, 0, u32::from(last)),
+        instruction(BPF_JMP | BPF_JGE | BPF_K, 0, DROP - 16, u32::from(first)),
+        instruction(BPF_JMP | BPF_JGT | BPF_K, DROP - 17, 0, u32::from(last)),
+        // 17: and this ring's
+        instruction(BPF_ALU | BPF_SUB | BPF_K, 0, 0, u32::from(first)),
+        instruction(BPF_ALU | BPF_RSH | BPF_K, 0, 0, 1),
+        instruction(BPF_ALU | BPF_MOD | BPF_K, 0, 0, rings),
+        instruction(BPF_JMP | BPF_JEQ | BPF_K, 0, DROP - 21, ring),
         instruction(BPF_RET | BPF_K, 0, 0, u32::MAX),
-        // 18: not for the relay
+        // 22 (DROP): not for this ring
         instruction(BPF_RET | BPF_K, 0, 0, 0),
     ]
 }
@@ -216,13 +234,13 @@ struct Ring {
 }
 
 impl Ring {
-    /// Opens a ring for the UDP datagrams sent to ports `first..=last` of
-    /// this host, on every interface.
-    fn open(first: u16, last: u16) -> io::Result<Self> {
+    /// Opens ring `ring` of `rings` for the UDP datagrams sent to ports
+    /// `first..=last` of this host, on every interface.
+    fn open(first: u16, last: u16, ring: usize, rings: usize) -> io::Result<Self> {
         // Protocol 0 receives nothing until bind, after the filter is on.
         let socket = new_socket(libc::AF_PACKET, libc::SOCK_DGRAM, 0)?;
         let fd = socket.as_raw_fd();
-        attach(fd, &mut pool_filter(first, last))?;
+        attach(fd, &mut pool_filter(first, last, ring, rings))?;
         let version = libc::tpacket_versions::TPACKET_V2 as libc::c_int;
         set_option(fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version)?;
         // Without it, each packet the relay sends runs the filter above
@@ -579,11 +597,17 @@ fn host_addresses() -> Vec<IpAddr> {
 }
 
 impl Tap {
-    /// Opens the ring for the pool's ports `first..=last` and the raw
-    /// sockets; fails without CAP_NET_RAW.
-    pub(super) fn new(wake: RawFd, first: u16, last: u16) -> io::Result<Self> {
+    /// Opens ring `ring` of `rings` for the pool's ports `first..=last`,
+    /// and the raw sockets; fails without CAP_NET_RAW.
+    pub(super) fn new(
+        wake: RawFd,
+        first: u16,
+        last: u16,
+        ring: usize,
+        rings: usize,
+    ) -> io::Result<Self> {
         Ok(Self {
-            ring: Ring::open(first, last)?,
+            ring: Ring::open(first, last, ring, rings)?,
             ipv4: Outbox::ipv4()?,
             // A host without IPv6 has no IPv6 peers either.
             ipv6: Outbox::ipv6().ok(),
