@@ -69,7 +69,7 @@
 //!   whole IPv4 headers (IP_HDRINCL) the kernel skips building them.
 //!   Measured at 150 calls, alternating runs: 3,300-4,700 against
 //!   5,300-6,400 ns per packet for io_uring (`benches/relay.rs`), and 0.31
-//!   to 0.51 of rtpengine's CPU (median 0.40 of 27 runs) against 0.50-0.61
+//!   to 0.51 of rtpengine's CPU (median 0.40 of 31 runs) against 0.48-0.61
 //!   (`compare media`). What is left is the send: perf puts about half of
 //!   the thread's time in the far end's receive, which loopback runs in the
 //!   sender's context, and most of the rest in building, routing and
