@@ -101,12 +101,13 @@ fn two_baresip_phones_register_with_digest_auth_and_call_each_other() {
 /// Alice plays a two-second 1 kHz tone and her phone hangs up when it
 /// ends; Bob's phone sends a 400 Hz tone back. Each recording must carry
 /// the other's tone, which only reaches it through the PBX's relay ports
-/// (the PBX rewrites both SDPs to its pool).
-fn audio_crosses_the_relay(codec: &str, pool: &str) {
+/// (the PBX rewrites both SDPs to its pool), waited for as `relay_io`
+/// says.
+fn audio_crosses_the_relay(codec: &str, pool: &str, relay_io: &str) {
     let pbx = Pbx::start(
         1,
         &format!(
-            "{USERS}\nmedia:\n  mode: bypass\n  port_pool: {pool}\n  codecs: [\"{codec}\", \"telephone-event\"]\n"
+            "{USERS}\nmedia:\n  mode: bypass\n  port_pool: {pool}\n  codecs: [\"{codec}\", \"telephone-event\"]\n  relay_io: {relay_io}\n"
         ),
     );
     let mut alice = Softphone::start("alice", &tone_wav(1000.0, 2.0));
@@ -175,10 +176,15 @@ fn assert_tone(samples: &[i16], hz: f64, other: f64, what: &str) {
 
 #[test]
 fn baresip_audio_crosses_the_bypass_relay_both_ways_pcmu() {
-    audio_crosses_the_relay("PCMU", "{start: 24000, end: 24999}");
+    audio_crosses_the_relay("PCMU", "{start: 24000, end: 24999}", "auto");
 }
 
 #[test]
 fn baresip_audio_crosses_the_bypass_relay_both_ways_pcma() {
-    audio_crosses_the_relay("PCMA", "{start: 25000, end: 25999}");
+    audio_crosses_the_relay("PCMA", "{start: 25000, end: 25999}", "auto");
+}
+
+#[test]
+fn baresip_audio_crosses_the_packet_ring_relay_both_ways() {
+    audio_crosses_the_relay("PCMU", "{start: 23000, end: 23999}", "packet_ring");
 }
