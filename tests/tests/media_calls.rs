@@ -1228,8 +1228,19 @@ fn tone_wav() -> Vec<u8> {
 
 #[test]
 fn sipp_rtp_stream_is_echoed_back_through_the_relay() {
+    sipp_rtp_is_echoed_back("");
+}
+
+#[test]
+fn sipp_rtp_stream_is_echoed_back_through_the_packet_ring() {
+    sipp_rtp_is_echoed_back("  relay_io: packet_ring\n");
+}
+
+/// SIPp streams a tone file to a SIPp that echoes it, through a relay
+/// configured by `relay_io` (a line of `media`).
+fn sipp_rtp_is_echoed_back(relay_io: &str) {
     let uas_port = sip_pbx_e2e::free_port();
-    let pbx = Pbx::start(uas_port, &bypass(""));
+    let pbx = Pbx::start(uas_port, &bypass(relay_io));
     let echo_port = sip_pbx_e2e::free_ports(4);
     let uas = sip_pbx_e2e::Sipp::new("uas_answer.xml", uas_port)
         .args(["-m", "1", "-rtp_echo", "-mp", &echo_port.to_string()])
