@@ -5,7 +5,9 @@
 //! phone refuses, the caller hears the best refusal, and a 6xx from one
 //! phone ends the search. A stream one phone's early answer refuses keeps
 //! its relay ports for the phone that answers, and the answer a phone gave
-//! in a reliable 183 reaches the caller when its 200 carries none.
+//! in a reliable 183 reaches the caller when its 200 carries none. A caller
+//! that kept one phone's early SDP is offered the answering phone's session
+//! in a re-INVITE.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
@@ -265,6 +267,15 @@ fn video_refused_in_one_phones_early_answer_is_relayed_for_the_phone_that_answer
     video_a.0.send_to(&rtp(1, 0xA0), target).expect("send");
     let (got, _) = receive(&video_b.0).expect("the caller's video at the answering phone");
     assert_eq!(got, rtp(1, 0xA0));
+    // The caller kept the 183's answer, video refused (RFC 3261 §13.2.1):
+    // the PBX offers it the session with video again.
+    let reinvite = caller.expect_request("INVITE");
+    assert_eq!(sdp_port(&reinvite, "video"), Some(to_pbx), "{reinvite}");
+    caller.send(
+        &response_to(&reinvite, "200 OK", caller.addr(), Some(&offer)),
+        pbx.sip_addr(),
+    );
+    caller.expect_request("ACK");
 
     cancelled(&pbx, &phones[0], &invites[0]);
     hang_up(&pbx, &caller, &ok, &phones[1]);
@@ -349,6 +360,85 @@ fn answer_early_after_another_rang(
     let prack = next(&phones[1].client, &invites[1]);
     assert_eq!(method(&prack), "PRACK", "{prack}");
     respond(&phones[1], &prack, "200 OK", pbx.sip_addr());
+}
+
+/// A phone's SDP: its own o= session `user`/`session`, audio on `port`.
+fn phone_sdp(user: &str, session: u32, port: u16, codecs: &str) -> String {
+    audio_sdp(port, codecs).replace("o=ua 1 1 ", &format!("o={user} {session} 1 "))
+}
+
+/// Phone 1 sends early SDP (a 183 with `early`), then phone 2 answers
+/// with `answer`. The caller keeps the first SDP it got as the answer
+/// (RFC 3261 §13.2.1), so once it has acknowledged the 200, the PBX sends
+/// it a re-INVITE, which the caller answers. Returns the caller's 183, its
+/// 200 and the re-INVITE.
+fn another_phone_answers_after_early_sdp(
+    pbx: &Pbx,
+    call_id: &str,
+    early: &str,
+    answer_sdp: &str,
+) -> [String; 3] {
+    let phones = two_phones(pbx);
+    let caller = SipClient::new();
+    let offer = audio_sdp(4000, "0 8");
+    let invites = ring(pbx, &caller, &phones, call_id, Some(&offer));
+    phones[0].client.send(
+        &response_to(
+            &invites[0],
+            "183 Session Progress",
+            phones[0].client.addr(),
+            Some(early),
+        ),
+        pbx.sip_addr(),
+    );
+    let (code, progress) = caller.final_response(LIMIT).expect("early media");
+    assert_eq!(code, 183, "{progress}");
+    let ok = answer(pbx, &caller, &phones[1], &invites[1], Some(answer_sdp));
+    let reinvite = caller.expect_request("INVITE");
+    caller.send(
+        &response_to(&reinvite, "200 OK", caller.addr(), Some(&offer)),
+        pbx.sip_addr(),
+    );
+    caller.expect_request("ACK");
+    cancelled(pbx, &phones[0], &invites[0]);
+    // The answering phone hears of none of it: its next request is the BYE.
+    hang_up(pbx, &caller, &ok, &phones[1]);
+    [progress, ok, reinvite]
+}
+
+/// Media end to end: the re-INVITE offers the answering phone's session,
+/// as a new version of the session the caller has (the early phone's).
+#[test]
+fn a_caller_holding_early_sdp_of_a_phone_that_did_not_answer_is_offered_the_answering_ones() {
+    let pbx = pbx();
+    let early = phone_sdp("desk", 7, 5000, "0");
+    let answering = phone_sdp("mobile", 9, 6000, "8");
+    let [_, _, reinvite] =
+        another_phone_answers_after_early_sdp(&pbx, "fork-reoffer", &early, &answering);
+    assert_eq!(sdp_port(&reinvite, "audio"), Some(6000), "{reinvite}");
+    assert!(
+        reinvite.contains("m=audio 6000 RTP/AVP 8\r\n"),
+        "{reinvite}"
+    );
+    assert!(reinvite.contains("o=desk 7 2 IN IP4 "), "{reinvite}");
+}
+
+/// Through the relay the caller's port stays, but the codec is the
+/// answering phone's.
+#[test]
+fn through_the_relay_a_caller_holding_early_sdp_is_offered_the_answering_phones_codec() {
+    let pbx = relaying_pbx(37000, 37499);
+    let early = phone_sdp("desk", 7, 5000, "0");
+    let answering = phone_sdp("mobile", 9, 6000, "8");
+    let [progress, ok, reinvite] =
+        another_phone_answers_after_early_sdp(&pbx, "fork-reoffer-relay", &early, &answering);
+    let relay_port = sdp_port(&progress, "audio").expect("relay port");
+    assert_eq!(sdp_port(&ok, "audio"), Some(relay_port), "{ok}");
+    assert_eq!(sdp_port(&reinvite, "audio"), Some(relay_port), "{reinvite}");
+    assert!(
+        reinvite.contains(&format!("m=audio {relay_port} RTP/AVP 8\r\n")),
+        "{reinvite}"
+    );
 }
 
 fn port(pair: &(UdpSocket, UdpSocket)) -> u16 {

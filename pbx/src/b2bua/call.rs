@@ -129,6 +129,10 @@ pub struct AwaitedAck {
     pub server_tx: TxId,
     /// Whether the 2xx carried an offer, so the ACK carries the answer.
     pub offer_in_2xx: bool,
+    /// The caller holds the early answer of a phone that did not answer
+    /// (RFC 3261 §13.2.1: it ignores the one in the 2xx), so once it has
+    /// acknowledged the 2xx the PBX offers it the session the call has.
+    pub reoffer: bool,
 }
 
 /// One branch of the B leg: the INVITE sent to one of the callee's

@@ -227,7 +227,7 @@ impl B2bua {
                 invite,
                 ..
             } => self.on_cancel(tx, request, invite, txl, now),
-            TuEvent::Ack { request, .. } => self.on_ack(request, txl),
+            TuEvent::Ack { request, .. } => self.on_ack(request, txl, now),
             TuEvent::Response { tx, response } => self.on_response(tx, response, txl, now),
             TuEvent::Timeout { tx } => self.on_client_timeout(tx, txl, now),
             TuEvent::AckTimeout { tx } => self.on_ack_timeout(tx, txl, now),
@@ -703,9 +703,10 @@ impl B2bua {
         );
     }
 
-    /// A leg took up an answer the PBX could not relay, so it believes in
-    /// a session the relay does not carry: the PBX offers it the session
-    /// last agreed with it again, in a re-INVITE of its own.
+    /// A leg took up an answer the PBX could not relay, or kept the early
+    /// answer of a phone that did not answer, so it believes in a session
+    /// the call does not have: the PBX offers it the session last agreed
+    /// with it again, in a re-INVITE of its own.
     fn restore_session(
         &mut self,
         key: CallKey,
@@ -901,6 +902,12 @@ impl B2bua {
         let early_answer_stands =
             response.sdp().is_none() && answerer.is_some() && call.early_answer_from == answerer;
         let sdp = response.sdp().or(early_answer);
+        // The caller took another phone's early SDP as the answer: the
+        // first it gets is the one it keeps (RFC 3261 §13.2.1).
+        let reoffer = had_offer
+            && sdp.is_some()
+            && call.early_answer_from.is_some()
+            && call.early_answer_from != answerer;
         let relayed = callee_response_to_caller(self.media.as_mut(), call, response, sdp);
         call.state = CallState::Answered;
         let relayed = match relayed {
@@ -918,6 +925,7 @@ impl B2bua {
             origin: LegSide::A,
             server_tx: call.a_invite_tx,
             offer_in_2xx: !had_offer && response.sdp().is_some(),
+            reoffer,
         });
         txl.respond(call.a_invite_tx, &relayed, now);
         let codec = self.media.codec(call.media);
@@ -1007,7 +1015,7 @@ impl B2bua {
         txl.send_request(bye, b.peer, now);
     }
 
-    fn on_ack(&mut self, ack: Message, txl: &mut TransactionLayer) {
+    fn on_ack(&mut self, ack: Message, txl: &mut TransactionLayer, now: Instant) {
         let Some((key, side)) = self.dialog_of(&ack) else {
             return;
         };
@@ -1030,6 +1038,9 @@ impl B2bua {
             _ => None,
         };
         call.send_ack(side.other(), body, txl);
+        if awaited.reoffer {
+            self.restore_session(key, side, 0, txl, now);
+        }
     }
 
     /// The dialog and leg a request belongs to, by Call-ID and our tag.
@@ -1236,6 +1247,7 @@ impl B2bua {
                 origin: relay.origin,
                 server_tx: relay.server_tx,
                 offer_in_2xx: !relay.carried_offer && sdp.is_some(),
+                reoffer: false,
             });
         }
         txl.respond(relay.server_tx, &relayed, now);

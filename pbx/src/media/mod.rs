@@ -11,6 +11,8 @@ pub mod sdp;
 pub use bypass::{MediaStats, RelayMedia};
 pub use relay::MediaCounters;
 
+use std::collections::hash_map::Entry;
+
 use bytes::Bytes;
 
 /// The caller's leg (A) or the callee's leg (B) of a call.
@@ -114,11 +116,21 @@ pub trait SessionMedia: Send {
 }
 
 /// `media.mode: direct`: media flows end to end, SDP untouched except that
-/// the settled codec is remembered for the CDR.
+/// the settled codec is remembered for the CDR, and what each leg was sent
+/// last, for an offer of the PBX's own.
 #[derive(Debug, Default)]
 pub struct DirectMedia {
     next: u64,
     codecs: std::collections::HashMap<MediaSessionId, String>,
+    sent: std::collections::HashMap<(MediaSessionId, LegSide), Sent>,
+}
+
+/// The last body a leg was sent, and the o= session it saw first: an offer
+/// of the PBX's own is a new version of that session (RFC 3264 §8).
+#[derive(Debug)]
+struct Sent {
+    origin: sdp::Origin,
+    last: Bytes,
 }
 
 impl SessionMedia for DirectMedia {
@@ -130,7 +142,7 @@ impl SessionMedia for DirectMedia {
     fn relay_sdp(
         &mut self,
         session: MediaSessionId,
-        _from: LegSide,
+        from: LegSide,
         role: SdpRole,
         sdp: Bytes,
     ) -> Result<Bytes, MediaError> {
@@ -139,14 +151,37 @@ impl SessionMedia for DirectMedia {
                 self.codecs.insert(session, codec);
             }
         }
+        let origin = sdp::origin(&sdp);
+        match self.sent.entry((session, from.other())) {
+            Entry::Occupied(mut sent) => {
+                let sent = sent.get_mut();
+                if let Some(origin) = origin
+                    .filter(|o| (&o.user, &o.session) == (&sent.origin.user, &sent.origin.session))
+                {
+                    sent.origin.version = sent.origin.version.max(origin.version);
+                }
+                sent.last = sdp.clone();
+            }
+            Entry::Vacant(slot) => {
+                if let Some(origin) = origin {
+                    slot.insert(Sent {
+                        origin,
+                        last: sdp.clone(),
+                    });
+                }
+            }
+        }
         Ok(sdp)
     }
 
     fn offer_failed(&mut self, _session: MediaSessionId, _offerer: LegSide) {}
 
-    /// Media end to end: the phones' own SDP is in force, nothing to restore.
-    fn restoring_offer(&mut self, _session: MediaSessionId, _leg: LegSide) -> Option<Bytes> {
-        None
+    /// The last body `leg` was sent, as a new version of the session it saw
+    /// first: after forking, that may be another phone's.
+    fn restoring_offer(&mut self, session: MediaSessionId, leg: LegSide) -> Option<Bytes> {
+        let sent = self.sent.get_mut(&(session, leg))?;
+        sent.origin.version = sent.origin.version.wrapping_add(1);
+        Some(Bytes::from(sdp::with_origin(&sent.last, &sent.origin)))
     }
 
     fn restored(
@@ -166,6 +201,9 @@ impl SessionMedia for DirectMedia {
 
     fn close(&mut self, session: MediaSessionId) {
         self.codecs.remove(&session);
+        for leg in [LegSide::A, LegSide::B] {
+            self.sent.remove(&(session, leg));
+        }
     }
 }
 
@@ -197,6 +235,39 @@ pub fn first_codec(sdp: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_media_offers_a_leg_its_last_body_as_a_new_version_of_its_first_session() {
+        let mut media = DirectMedia::default();
+        let id = media.open().expect("open");
+        let body = |origin: &str, port: u16| {
+            Bytes::from(format!(
+                "v=0\r\no={origin} IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\nm=audio {port} RTP/AVP 8\r\n"
+            ))
+        };
+        assert_eq!(
+            media.restoring_offer(id, LegSide::A),
+            None,
+            "nothing sent yet"
+        );
+        let early = body("desk 7 3", 5000);
+        let relayed = media.relay_sdp(id, LegSide::B, SdpRole::ProvisionalAnswer, early.clone());
+        assert_eq!(relayed, Ok(early), "untouched");
+        media
+            .relay_sdp(id, LegSide::B, SdpRole::Answer, body("mobile 9 1", 6000))
+            .expect("relayed");
+        let offer = media.restoring_offer(id, LegSide::A).expect("an offer");
+        assert_eq!(offer, body("desk 7 4", 6000));
+        let again = media.restoring_offer(id, LegSide::A).expect("an offer");
+        assert_eq!(again, body("desk 7 5", 6000), "each offer a new version");
+        assert_eq!(
+            media.restoring_offer(id, LegSide::B),
+            None,
+            "B was sent nothing"
+        );
+        media.close(id);
+        assert_eq!(media.restoring_offer(id, LegSide::A), None, "forgotten");
+    }
 
     #[test]
     fn first_codec_reads_rtpmap_or_static_type() {
