@@ -441,6 +441,45 @@ fn through_the_relay_a_caller_holding_early_sdp_is_offered_the_answering_phones_
     );
 }
 
+/// Through the relay, two phones answering with the same codec give the
+/// caller the same session: its early SDP stands, and no re-INVITE comes
+/// (the caller's next message is the answer to its BYE).
+#[test]
+fn through_the_relay_early_sdp_that_says_the_same_brings_no_reinvite() {
+    let pbx = relaying_pbx(37500, 37999);
+    let phones = two_phones(&pbx);
+    let caller = SipClient::new();
+    let invites = ring(
+        &pbx,
+        &caller,
+        &phones,
+        "fork-same",
+        Some(&audio_sdp(4000, "0 8")),
+    );
+    let early = phone_sdp("desk", 7, 5000, "0");
+    phones[0].client.send(
+        &response_to(
+            &invites[0],
+            "183 Session Progress",
+            phones[0].client.addr(),
+            Some(&early),
+        ),
+        pbx.sip_addr(),
+    );
+    let (code, progress) = caller.final_response(LIMIT).expect("early media");
+    assert_eq!(code, 183, "{progress}");
+    let ok = answer(
+        &pbx,
+        &caller,
+        &phones[1],
+        &invites[1],
+        Some(&phone_sdp("mobile", 9, 6000, "0")),
+    );
+    assert_eq!(sdp_port(&ok, "audio"), sdp_port(&progress, "audio"));
+    cancelled(&pbx, &phones[0], &invites[0]);
+    hang_up(&pbx, &caller, &ok, &phones[1]);
+}
+
 fn port(pair: &(UdpSocket, UdpSocket)) -> u16 {
     pair.0.local_addr().expect("addr").port()
 }

@@ -135,6 +135,15 @@ pub struct AwaitedAck {
     pub reoffer: bool,
 }
 
+/// An early SDP answer the caller holds (RFC 3261 §13.2.1: the first it
+/// gets is the one it keeps).
+#[derive(Debug, Clone)]
+pub struct HeldAnswer {
+    pub from: TxId,
+    /// The body as the caller got it.
+    pub body: Bytes,
+}
+
 /// One branch of the B leg: the INVITE sent to one of the callee's
 /// contacts. A call to a user with several registered phones rings them
 /// all (parallel forking); the first to answer becomes the B leg.
@@ -180,9 +189,10 @@ pub struct Call {
     pub acks: HashMap<LegSide, (u32, Bytes)>,
     /// Side with an SDP offer not yet answered (RFC 3264).
     pub open_offer: Option<LegSide>,
-    /// The fork whose SDP answer in a provisional response the caller got:
-    /// if that fork's 2xx carries no SDP, the early answer stands.
-    pub early_answer_from: Option<TxId>,
+    /// The SDP answer in a provisional response the caller got, and the
+    /// fork it came from: if that fork's 2xx carries no SDP, the early
+    /// answer stands.
+    pub early_answer: Option<HeldAnswer>,
     /// Client transactions of BYEs still running, per leg.
     pub byes: HashMap<LegSide, TxId>,
     /// How the call ended, once it has.

@@ -19,7 +19,7 @@ use chrono::Utc;
 
 use self::call::{
     better_failure, disposition_for, token, AwaitedAck, Call, CallKey, CallState, Dialog, Fork,
-    Outcome, Relay,
+    HeldAnswer, Outcome, Relay,
 };
 use self::checks::{
     check_body, check_new_request, check_require, Refusal, ACCEPT, ALLOW, SUPPORTED,
@@ -27,7 +27,7 @@ use self::checks::{
 use self::routing::{RouteOutcome, Target};
 use crate::auth::{Authenticator, Verdict};
 use crate::events::{CallParties, CallSummary, Disposition, EndReason, Event, EventBus};
-use crate::media::{LegSide, MediaError, SdpRole, SessionMedia};
+use crate::media::{sdp, LegSide, MediaError, SdpRole, SessionMedia};
 use crate::registrar::store::Binding;
 use crate::registrar::{self, Limits, RegisterError, Registration};
 use crate::sip::message::{delta_seconds, Message, Method, StartLine};
@@ -449,7 +449,7 @@ impl B2bua {
                 awaited_ack: None,
                 acks: HashMap::new(),
                 open_offer: None,
-                early_answer_from: None,
+                early_answer: None,
                 byes: HashMap::new(),
                 outcome: None,
             },
@@ -860,10 +860,14 @@ impl B2bua {
             response.sdp(),
         ) {
             Ok(relayed) => {
-                if let Some(fork) = call.forks.get_mut(index).filter(|_| answer.is_some()) {
+                let held = relayed.sdp().filter(|_| answer.is_some());
+                if let (Some(fork), Some(body)) = (call.forks.get_mut(index), held) {
                     // The caller holds this answer now, not one the fork gave before it led.
                     fork.early_answer = None;
-                    call.early_answer_from = Some(fork.tx);
+                    call.early_answer = Some(HeldAnswer {
+                        from: fork.tx,
+                        body,
+                    });
                 }
                 relayed
             }
@@ -899,15 +903,11 @@ impl B2bua {
             .and_then(|b| call.forks.get_mut(b))
             .map(|fork| (Some(fork.tx), fork.early_answer.take()))
             .unwrap_or_default();
-        let early_answer_stands =
-            response.sdp().is_none() && answerer.is_some() && call.early_answer_from == answerer;
+        let held = call.early_answer.clone();
+        let early_answer_stands = response.sdp().is_none()
+            && answerer.is_some()
+            && held.as_ref().map(|h| h.from) == answerer;
         let sdp = response.sdp().or(early_answer);
-        // The caller took another phone's early SDP as the answer: the
-        // first it gets is the one it keeps (RFC 3261 §13.2.1).
-        let reoffer = had_offer
-            && sdp.is_some()
-            && call.early_answer_from.is_some()
-            && call.early_answer_from != answerer;
         let relayed = callee_response_to_caller(self.media.as_mut(), call, response, sdp);
         call.state = CallState::Answered;
         let relayed = match relayed {
@@ -920,6 +920,16 @@ impl B2bua {
         if early_answer_stands {
             self.media.early_answer_stands(call.media);
         }
+        // The caller keeps another phone's early SDP as the answer (the
+        // first it gets, RFC 3261 §13.2.1) and ignores this 2xx's, unless
+        // both say the same.
+        let reoffer = had_offer
+            && held.is_some_and(|held| {
+                Some(held.from) != answerer
+                    && relayed
+                        .sdp()
+                        .is_some_and(|now| !sdp::same_session(&held.body, &now))
+            });
         call.answered = Some(Utc::now());
         call.awaited_ack = Some(AwaitedAck {
             origin: LegSide::A,
