@@ -104,6 +104,21 @@ fn answer(pbx: &Pbx, caller: &SipClient, phone: &Phone, invite: &str, sdp: Optio
     ok
 }
 
+/// `phone` sends early media (a 183 with `sdp`) for `invite`; returns the
+/// 183 the caller gets.
+fn early_media(pbx: &Pbx, caller: &SipClient, phone: &Phone, invite: &str, sdp: &str) -> String {
+    let progress = response_to(
+        invite,
+        "183 Session Progress",
+        phone.client.addr(),
+        Some(sdp),
+    );
+    phone.client.send(&progress, pbx.sip_addr());
+    let (code, progress) = caller.final_response(LIMIT).expect("early media");
+    assert_eq!(code, 183, "{progress}");
+    progress
+}
+
 /// The PBX cancels `phone`'s `invite`: the phone answers the CANCEL and
 /// ends the INVITE with 487. Returns the CANCEL.
 fn cancelled(pbx: &Pbx, phone: &Phone, invite: &str) -> String {
@@ -245,17 +260,7 @@ fn video_refused_in_one_phones_early_answer_is_relayed_for_the_phone_that_answer
     let offer = audio_video_sdp(port(&audio_a), port(&video_a));
     let invites = ring(&pbx, &caller, &phones, "fork-video", Some(&offer));
     let early = audio_video_sdp(port(&audio_b), 0);
-    phones[0].client.send(
-        &response_to(
-            &invites[0],
-            "183 Session Progress",
-            phones[0].client.addr(),
-            Some(&early),
-        ),
-        pbx.sip_addr(),
-    );
-    let (code, progress) = caller.final_response(LIMIT).expect("early media");
-    assert_eq!(code, 183, "{progress}");
+    let progress = early_media(&pbx, &caller, &phones[0], &invites[0], &early);
     assert_eq!(sdp_port(&progress, "video"), Some(0), "{progress}");
 
     let both = audio_video_sdp(port(&audio_b), port(&video_b));
@@ -382,17 +387,7 @@ fn another_phone_answers_after_early_sdp(
     let caller = SipClient::new();
     let offer = audio_sdp(4000, "0 8");
     let invites = ring(pbx, &caller, &phones, call_id, Some(&offer));
-    phones[0].client.send(
-        &response_to(
-            &invites[0],
-            "183 Session Progress",
-            phones[0].client.addr(),
-            Some(early),
-        ),
-        pbx.sip_addr(),
-    );
-    let (code, progress) = caller.final_response(LIMIT).expect("early media");
-    assert_eq!(code, 183, "{progress}");
+    let progress = early_media(pbx, &caller, &phones[0], &invites[0], early);
     let ok = answer(pbx, &caller, &phones[1], &invites[1], Some(answer_sdp));
     let reinvite = caller.expect_request("INVITE");
     caller.send(
@@ -457,17 +452,7 @@ fn through_the_relay_early_sdp_that_says_the_same_brings_no_reinvite() {
         Some(&audio_sdp(4000, "0 8")),
     );
     let early = phone_sdp("desk", 7, 5000, "0");
-    phones[0].client.send(
-        &response_to(
-            &invites[0],
-            "183 Session Progress",
-            phones[0].client.addr(),
-            Some(&early),
-        ),
-        pbx.sip_addr(),
-    );
-    let (code, progress) = caller.final_response(LIMIT).expect("early media");
-    assert_eq!(code, 183, "{progress}");
+    let progress = early_media(&pbx, &caller, &phones[0], &invites[0], &early);
     let ok = answer(
         &pbx,
         &caller,
