@@ -57,8 +57,11 @@ pub fn free_ports(count: u16) -> u16 {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let ports = port_range_for_tests();
     let step = usize::from(count.next_multiple_of(2));
-    let span = ports.len() - ports.len() % step;
-    let start = std::process::id() as usize * 7919 * step;
+    // One start and one span whatever the count, so that runs handed out
+    // for different counts never overlap: a SIPp's SIP port (two) is not
+    // the media run (four) of the next, which it has not bound yet.
+    let span = (ports.len() - step) / 8 * 8;
+    let start = std::process::id() as usize * 7919 * 8;
     (0..span / step)
         .map(|_| {
             let offset = (start + NEXT.fetch_add(step, Ordering::Relaxed)) % span;
