@@ -3,7 +3,8 @@
 # Rust toolchain; safe to run again. Used by tests/run.sh and .ci/run.
 set -euo pipefail
 . "$(dirname "$0")/apt.sh"
-apt_install_missing sip-tester redis-server baresip
+# libcap2-bin: setcap, to run sip-pbx as the image does (tests/tests/packaging.rs).
+apt_install_missing sip-tester redis-server baresip libcap2-bin
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # kube-apiserver, kube-controller-manager and etcd for the operator tests
 # (built once per machine, cached outside the clone).

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use sip_pbx_e2e::{free_port, pbx_binary, root, Pbx};
 
@@ -151,4 +152,84 @@ fn the_image_healthcheck_asks_the_pbx() {
         !healthcheck(nothing).status.success(),
         "HEALTHCHECK passes with nothing listening"
     );
+}
+
+/// As the image runs sip-pbx: as its USER, not root, with the file
+/// capability its RUN line gives the binary. The packet ring, which needs
+/// CAP_NET_RAW, opens.
+#[test]
+fn as_the_image_runs_it_the_packet_ring_opens_without_root() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let file = dockerfile();
+    let capability = file
+        .split("setcap ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("setcap in docker/Dockerfile");
+    let user = instruction(&file, "USER");
+    let (uid, gid) = user
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
+        .expect("USER uid:gid");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = dir.path().join("sip-pbx");
+    std::fs::copy(pbx_binary(), &binary).expect("copy sip-pbx");
+    let setcap = Command::new("setcap")
+        .arg(capability)
+        .arg(&binary)
+        .output()
+        .expect("run setcap (libcap2-bin)");
+    ok(&setcap, "setcap");
+    for sub in ["cdr", "spool"] {
+        std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
+        std::os::unix::fs::chown(dir.path().join(sub), Some(uid), Some(gid)).expect("chown");
+    }
+    std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
+    let d = dir.path().display();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "sip:\n  listen_ip: 127.0.0.1\n  listen_port: {}\n  advertised_ip: 127.0.0.1\n\
+             media:\n  mode: bypass\n  port_pool: {{start: 38000, end: 38099}}\n  relay_io: packet_ring\n\
+             cdr:\n  output_dir: {d}/cdr\nevents:\n  spool_dir: {d}/spool\n\
+             logging:\n  level: INFO\n  format: text\n  output: stdout\n\
+             monitoring:\n  prometheus_port: {}\n  health_check_port: {}\n",
+            free_port(),
+            free_port(),
+            free_port()
+        ),
+    )
+    .expect("write config");
+    let mut pbx = Command::new(&binary)
+        .arg("--config")
+        .arg(&config)
+        .uid(uid)
+        .gid(gid)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sip-pbx");
+    let stdout = pbx.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let started = std::iter::from_fn(|| lines.recv_timeout(Duration::from_secs(20)).ok())
+        .find(|line| line.contains("media relay started"));
+    let _ = pbx.kill();
+    let output = pbx.wait_with_output().expect("sip-pbx output");
+    let started = started.unwrap_or_else(|| {
+        panic!(
+            "no relay started: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert!(started.contains("packet_ring"), "{started}");
 }

@@ -558,6 +558,27 @@ fn udp_header(header: &mut [u8], source: u16, destination: u16, len: usize) {
     }
 }
 
+/// Runs `open` with CAP_NET_RAW in this thread's effective set, raised
+/// from its permitted set for that time only when it was not there. A
+/// process that does not run as root gets it permitted from the binary's
+/// file capability (`setcap cap_net_raw+p`, as the image has it) where the
+/// container may have it; permitted only, so that a pod that drops it
+/// still starts, and so that no other thread ever holds it.
+fn with_net_raw<T>(open: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    use caps::{CapSet, Capability};
+    let has = |set| caps::has_cap(None, set, Capability::CAP_NET_RAW).unwrap_or(false);
+    let raised = has(CapSet::Permitted)
+        && !has(CapSet::Effective)
+        && caps::raise(None, CapSet::Effective, Capability::CAP_NET_RAW).is_ok();
+    let opened = open();
+    if raised {
+        if let Err(e) = caps::drop(None, CapSet::Effective, Capability::CAP_NET_RAW) {
+            tracing::warn!(error = %e, "media relay: CAP_NET_RAW stays raised");
+        }
+    }
+    opened
+}
+
 /// What the ring knows of a stream's socket.
 #[derive(Debug, Clone, Copy)]
 struct Watched {
@@ -606,11 +627,18 @@ impl Tap {
         ring: usize,
         rings: usize,
     ) -> io::Result<Self> {
-        Ok(Self {
-            ring: Ring::open(first, last, ring, rings)?,
-            ipv4: Outbox::ipv4()?,
+        let (ring, ipv4, ipv6) = with_net_raw(|| {
             // A host without IPv6 has no IPv6 peers either.
-            ipv6: Outbox::ipv6().ok(),
+            Ok((
+                Ring::open(first, last, ring, rings)?,
+                Outbox::ipv4()?,
+                Outbox::ipv6().ok(),
+            ))
+        })?;
+        Ok(Self {
+            ring,
+            ipv4,
+            ipv6,
             ports: vec![None; usize::from(last.saturating_sub(first)) + 1],
             first,
             local: host_addresses(),
@@ -873,6 +901,49 @@ mod tests {
         for garbage in [&[][..], &[0x50, 1, 2][..], &[0x60; 39][..]] {
             assert_eq!(datagram(garbage), None);
         }
+    }
+
+    /// In a thread of its own, as capabilities belong to a thread.
+    fn on_a_thread_with<T: Send + 'static>(
+        lose: &'static [caps::CapSet],
+        then: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        std::thread::spawn(move || {
+            for &set in lose {
+                caps::drop(None, set, caps::Capability::CAP_NET_RAW).expect("drop CAP_NET_RAW");
+            }
+            then()
+        })
+        .join()
+        .expect("the thread")
+    }
+
+    fn open_tap() -> io::Result<Tap> {
+        let wake = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
+        Tap::new(wake.as_raw_fd(), 40000, 40099, 0, 1)
+    }
+
+    /// As a process that is not root gets it from the image's
+    /// `setcap cap_net_raw+p`: permitted, not effective.
+    #[test]
+    fn cap_net_raw_permitted_is_raised_to_open_the_ring_and_lowered_again() {
+        let (opened, effective_after) = on_a_thread_with(&[caps::CapSet::Effective], || {
+            let opened = open_tap().map(|_| ());
+            let effective =
+                caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_NET_RAW);
+            (opened, effective.expect("capabilities read"))
+        });
+        assert!(opened.is_ok(), "{opened:?}");
+        assert!(!effective_after, "CAP_NET_RAW lowered again");
+    }
+
+    #[test]
+    fn without_cap_net_raw_the_ring_does_not_open() {
+        let opened = on_a_thread_with(&[caps::CapSet::Effective, caps::CapSet::Permitted], || {
+            open_tap().map(|_| ())
+        });
+        let error = opened.expect_err("no ring without CAP_NET_RAW");
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
     }
 
     #[test]
