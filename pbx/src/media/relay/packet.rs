@@ -1,19 +1,18 @@
 //! The relay's packet-socket loop (`media.relay_io: packet_ring`, which
-//! needs CAP_NET_RAW). One AF_PACKET receive ring, which a kernel filter
-//! limits to UDP datagrams for the pool's ports, brings every stream's
-//! packets without a system call per packet or per socket. Relayed packets
-//! leave in batches through raw IP sockets, whose headers carry the
-//! stream's own source port. The streams' UDP sockets stay bound: they hold
-//! the ports, and keep the kernel from answering ICMP port unreachable. A
-//! filter drops whatever reaches them, so their queues stay empty.
+//! needs CAP_NET_RAW). Each relay thread has an AF_PACKET receive ring,
+//! which a kernel filter limits to UDP datagrams for the thread's share of
+//! the pool (`ring_of`): it brings the thread's packets without a system
+//! call per packet or per socket. Relayed packets leave in batches through
+//! raw IP sockets, whose headers carry the stream's own source port. The
+//! streams' UDP sockets stay bound: they hold the ports, and keep the
+//! kernel from answering ICMP port unreachable. A filter drops whatever
+//! reaches them, so their queues stay empty. A call's ports are drawn from
+//! the share of the thread that carries it.
 //!
 //! Why it is opt-in: the ring takes packets at the interface, before the
 //! host firewall's INPUT rules (those to an address that is not the host's
-//! are left alone); it drops fragmented datagrams and those
-//! larger than a FRAME; IPv4 packets leave without a UDP checksum, which
-//! RFC 768 allows. Each relay thread has a ring of its own, which takes the
-//! pairs of the pool dealt to it (`ring_of`); a call's ports are drawn
-//! from the pairs of the thread that carries it.
+//! are left alone); it drops fragmented datagrams and those larger than a
+//! FRAME; IPv4 packets leave without a UDP checksum, which RFC 768 allows.
 
 use std::io;
 use std::mem::size_of;
