@@ -119,6 +119,18 @@ fn early_media(pbx: &Pbx, caller: &SipClient, phone: &Phone, invite: &str, sdp: 
     progress
 }
 
+/// The PBX re-INVITEs the caller, who answers 200 with `sdp` and gets the
+/// ACK. Returns the re-INVITE.
+fn reinvited(pbx: &Pbx, caller: &SipClient, sdp: &str) -> String {
+    let reinvite = caller.expect_request("INVITE");
+    caller.send(
+        &response_to(&reinvite, "200 OK", caller.addr(), Some(sdp)),
+        pbx.sip_addr(),
+    );
+    caller.expect_request("ACK");
+    reinvite
+}
+
 /// The PBX cancels `phone`'s `invite`: the phone answers the CANCEL and
 /// ends the INVITE with 487. Returns the CANCEL.
 fn cancelled(pbx: &Pbx, phone: &Phone, invite: &str) -> String {
@@ -274,13 +286,8 @@ fn video_refused_in_one_phones_early_answer_is_relayed_for_the_phone_that_answer
     assert_eq!(got, rtp(1, 0xA0));
     // The caller kept the 183's answer, video refused (RFC 3261 §13.2.1):
     // the PBX offers it the session with video again.
-    let reinvite = caller.expect_request("INVITE");
+    let reinvite = reinvited(&pbx, &caller, &offer);
     assert_eq!(sdp_port(&reinvite, "video"), Some(to_pbx), "{reinvite}");
-    caller.send(
-        &response_to(&reinvite, "200 OK", caller.addr(), Some(&offer)),
-        pbx.sip_addr(),
-    );
-    caller.expect_request("ACK");
 
     cancelled(&pbx, &phones[0], &invites[0]);
     hang_up(&pbx, &caller, &ok, &phones[1]);
@@ -389,12 +396,7 @@ fn another_phone_answers_after_early_sdp(
     let invites = ring(pbx, &caller, &phones, call_id, Some(&offer));
     let progress = early_media(pbx, &caller, &phones[0], &invites[0], early);
     let ok = answer(pbx, &caller, &phones[1], &invites[1], Some(answer_sdp));
-    let reinvite = caller.expect_request("INVITE");
-    caller.send(
-        &response_to(&reinvite, "200 OK", caller.addr(), Some(&offer)),
-        pbx.sip_addr(),
-    );
-    caller.expect_request("ACK");
+    let reinvite = reinvited(pbx, &caller, &offer);
     cancelled(pbx, &phones[0], &invites[0]);
     // The answering phone hears of none of it: its next request is the BYE.
     hang_up(pbx, &caller, &ok, &phones[1]);

@@ -253,16 +253,12 @@ fn pod_template_drain_probes_and_scrape() {
 /// The packet ring needs CAP_NET_RAW; every other relay runs without it.
 #[test]
 fn the_packet_ring_relay_gets_cap_net_raw() {
-    let d = built(json!({"config": {"media": {"relayIo": "packet_ring"}}}));
+    let spec = json!({"config": {"media": {"relayIo": "packet_ring"}}});
+    let d = built(spec.clone());
     let context = serde_json::to_value(&container(&d.deployment).security_context).expect("json");
     assert_eq!(context, json!({"capabilities": {"add": ["NET_RAW"]}}));
-    let config: serde_json::Value = serde_norway::from_str(
-        &render_config(&pbx(
-            json!({"config": {"media": {"relayIo": "packet_ring"}}}),
-        ))
-        .expect("config"),
-    )
-    .expect("YAML");
+    let config: serde_json::Value =
+        serde_norway::from_str(&render_config(&pbx(spec)).expect("config")).expect("YAML");
     assert_eq!(config["media"]["relay_io"], "packet_ring");
     for other in [
         json!({}),

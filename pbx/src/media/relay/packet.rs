@@ -654,13 +654,18 @@ impl Tap {
         }
     }
 
+    /// Where pool port `port` sits in `ports`.
+    fn index(&self, port: u16) -> Option<usize> {
+        port.checked_sub(self.first).map(usize::from)
+    }
+
     fn slot(&mut self, port: u16) -> Option<&mut Option<Watched>> {
-        self.ports
-            .get_mut(usize::from(port.checked_sub(self.first)?))
+        let index = self.index(port)?;
+        self.ports.get_mut(index)
     }
 
     fn watched(&self, port: u16) -> Option<Watched> {
-        *self.ports.get(usize::from(port.checked_sub(self.first)?))?
+        *self.ports.get(self.index(port)?)?
     }
 
     fn is_local(&self, ip: IpAddr) -> bool {
